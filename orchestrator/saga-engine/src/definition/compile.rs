@@ -1,0 +1,839 @@
+//! From YAML text to a validated [`Plan`], collecting every error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use super::raw::{RawCall, RawDefinition, RawRetry, RawStep};
+use super::schema::{FieldType, InputField, InputSchema};
+use super::{
+    CallPlan, DEFAULT_TIMEOUT, DefinitionError, DefinitionErrors, DescriptorLookup, Participant,
+    Plan, RetryPolicy, StepKind, StepPlan,
+};
+use crate::duration::parse_duration;
+use crate::template::{self, Reference};
+
+/// Largest definition accepted, in bytes.
+pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
+
+/// Parses the YAML of a definition into its raw form. `file` names the source in errors.
+pub fn parse(file: &str, yaml: &str) -> Result<RawDefinition, DefinitionErrors> {
+    let error = |line, message| {
+        DefinitionErrors(vec![DefinitionError {
+            file: file.to_owned(),
+            line,
+            step: None,
+            message,
+        }])
+    };
+    if yaml.len() > MAX_DEFINITION_BYTES {
+        return Err(error(
+            None,
+            format!(
+                "definition is {} bytes; the limit is {MAX_DEFINITION_BYTES}",
+                yaml.len()
+            ),
+        ));
+    }
+    if yaml.trim().is_empty() {
+        return Err(error(None, "definition is empty".to_owned()));
+    }
+    serde_saphyr::from_str::<RawDefinition>(yaml).map_err(|e| {
+        let line = e.location().map(|l| l.line() as u32).filter(|l| *l > 0);
+        error(line, first_line(&e.to_string()))
+    })
+}
+
+/// serde-saphyr's messages may carry a rendered snippet after the first line; the first
+/// line is the sentence, and the location is reported separately.
+fn first_line(message: &str) -> String {
+    let mut text = message.lines().next().unwrap_or(message).trim();
+    text = text.strip_prefix("error:").unwrap_or(text).trim_start();
+    // "line 6 column 5: ..." repeats what the location already says.
+    if let Some(rest) = text.strip_prefix("line ") {
+        if let Some((position, sentence)) = rest.split_once(": ") {
+            if position
+                .split(" column ")
+                .all(|n| n.trim().parse::<u32>().is_ok())
+            {
+                text = sentence;
+            }
+        }
+    }
+    text.to_owned()
+}
+
+struct Errors<'a> {
+    file: &'a str,
+    list: Vec<DefinitionError>,
+}
+
+impl Errors<'_> {
+    fn at(&mut self, line: u32, step: Option<&str>, message: impl Into<String>) {
+        self.list.push(DefinitionError {
+            file: self.file.to_owned(),
+            line: (line > 0).then_some(line),
+            step: step.map(str::to_owned),
+            message: message.into(),
+        });
+    }
+}
+
+fn line<T>(spanned: &Spanned<T>) -> u32 {
+    spanned.referenced.line() as u32
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Compiles a parsed definition against the participants' descriptors.
+///
+/// `yaml` is the text `raw` was parsed from; it is kept in the plan.
+pub fn compile(
+    file: &str,
+    yaml: &str,
+    raw: &RawDefinition,
+    descriptors: &dyn DescriptorLookup,
+) -> Result<Plan, DefinitionErrors> {
+    let mut errors = Errors {
+        file,
+        list: Vec::new(),
+    };
+
+    if !valid_name(&raw.name.value) {
+        errors.at(
+            line(&raw.name),
+            None,
+            format!(
+                "name `{}` must be 1 to 64 characters of a-z, 0-9, `_` or `-`",
+                raw.name.value
+            ),
+        );
+    }
+    if raw.version.value == 0 {
+        errors.at(line(&raw.version), None, "version must be 1 or more");
+    }
+
+    let input = compile_input(raw, &mut errors);
+    let (participants, pools) = compile_participants(raw, descriptors, &mut errors);
+
+    if raw.steps.is_empty() {
+        errors.at(0, None, "a definition needs at least one step");
+    }
+
+    let mut seen = BTreeMap::new();
+    let mut steps = Vec::new();
+    let mut earlier_names = BTreeSet::new();
+    for step in &raw.steps {
+        let name = step.value.name.value.clone();
+        if !valid_name(&name) {
+            errors.at(
+                line(&step.value.name),
+                Some(&name),
+                "step name must be 1 to 64 characters of a-z, 0-9, `_` or `-`",
+            );
+        }
+        if let Some(first) = seen.insert(name.clone(), line(&step.value.name)) {
+            errors.at(
+                line(&step.value.name),
+                Some(&name),
+                format!("duplicate step name (first defined on line {first})"),
+            );
+        }
+        let context = Earlier {
+            plans: &steps,
+            names: &earlier_names,
+        };
+        if let Some(plan) = compile_step(raw, step, &context, &input, &pools, &mut errors) {
+            steps.push(plan);
+        }
+        earlier_names.insert(name);
+    }
+    check_kinds(raw, &mut errors);
+
+    if !errors.list.is_empty() {
+        errors.list.sort_by_key(|e| e.line.unwrap_or(0));
+        return Err(DefinitionErrors(errors.list));
+    }
+    Ok(Plan {
+        name: raw.name.value.clone(),
+        version: raw.version.value,
+        file: file.to_owned(),
+        yaml: yaml.to_owned(),
+        description: raw.description.clone(),
+        input,
+        participants,
+        steps,
+    })
+}
+
+fn compile_input(raw: &RawDefinition, errors: &mut Errors<'_>) -> Option<InputSchema> {
+    let fields = raw.input.as_ref()?;
+    let mut schema = InputSchema { fields: Vec::new() };
+    for (name, ty) in fields {
+        let (text, required) = match ty.value.strip_suffix('?') {
+            Some(text) => (text, false),
+            None => (ty.value.as_str(), true),
+        };
+        match FieldType::parse(text.trim()) {
+            Some(ty) => schema.fields.push(InputField { name: name.clone(), ty, required }),
+            None => errors.at(
+                line(ty),
+                None,
+                format!(
+                    "input field `{name}` has unknown type `{}` (use string, integer, number, boolean, list, object or any; add `?` for optional)",
+                    ty.value
+                ),
+            ),
+        }
+    }
+    Some(schema)
+}
+
+fn compile_participants(
+    raw: &RawDefinition,
+    descriptors: &dyn DescriptorLookup,
+    errors: &mut Errors<'_>,
+) -> (
+    BTreeMap<String, Participant>,
+    BTreeMap<String, DescriptorPool>,
+) {
+    let mut participants = BTreeMap::new();
+    let mut pools = BTreeMap::new();
+    for (name, participant) in &raw.participants {
+        let p = &participant.value;
+        if !valid_name(name) {
+            errors.at(
+                line(participant),
+                None,
+                format!("participant name `{name}` must be of a-z, 0-9, `_` or `-`"),
+            );
+        }
+        let endpoint = p.endpoint.value.trim();
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            || endpoint.len() <= "http://".len()
+        {
+            errors.at(
+                line(&p.endpoint),
+                None,
+                format!(
+                    "participant `{name}`: endpoint `{endpoint}` must be an http:// or https:// URL"
+                ),
+            );
+        }
+        for (what, retry) in [
+            ("retry", &p.retry),
+            ("compensation_retry", &p.compensation_retry),
+        ] {
+            if let Some(retry) = retry {
+                retry_policy(RetryPolicy::ACTION_DEFAULT, retry, what, None, errors);
+            }
+        }
+        if let Some(timeout) = &p.timeout {
+            duration(timeout, "timeout", None, errors);
+        }
+        match descriptors.pool(name) {
+            Ok(pool) => {
+                pools.insert(name.clone(), pool);
+            }
+            Err(reason) => errors.at(
+                line(participant),
+                None,
+                format!("participant `{name}`: {reason}"),
+            ),
+        }
+        participants.insert(
+            name.clone(),
+            Participant {
+                name: name.clone(),
+                endpoint: endpoint.to_owned(),
+                descriptor_set: p.descriptor_set.as_ref().map(|d| d.value.clone()),
+            },
+        );
+    }
+    (participants, pools)
+}
+
+fn duration(
+    text: &Spanned<String>,
+    what: &str,
+    step: Option<&str>,
+    errors: &mut Errors<'_>,
+) -> Option<Duration> {
+    match parse_duration(&text.value) {
+        Ok(d) if d.is_zero() => {
+            errors.at(line(text), step, format!("{what}: must be more than zero"));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errors.at(line(text), step, format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+fn retry_policy(
+    base: RetryPolicy,
+    raw: &Spanned<RawRetry>,
+    what: &str,
+    step: Option<&str>,
+    errors: &mut Errors<'_>,
+) -> RetryPolicy {
+    let mut policy = base;
+    let r = &raw.value;
+    if let Some(max) = r.max_attempts {
+        if max == 0 {
+            errors.at(
+                line(raw),
+                step,
+                format!("{what}.max_attempts must be 1 or more"),
+            );
+        }
+        policy.max_attempts = max.max(1);
+    }
+    if let Some(d) = r
+        .initial_backoff
+        .as_ref()
+        .and_then(|d| duration(d, &format!("{what}.initial_backoff"), step, errors))
+    {
+        policy.initial_backoff = d;
+    }
+    if let Some(d) = r
+        .max_backoff
+        .as_ref()
+        .and_then(|d| duration(d, &format!("{what}.max_backoff"), step, errors))
+    {
+        policy.max_backoff = d;
+    }
+    if let Some(m) = r.multiplier {
+        if !(1.0..=10.0).contains(&m) {
+            errors.at(
+                line(raw),
+                step,
+                format!("{what}.multiplier must be between 1 and 10, got {m}"),
+            );
+        } else {
+            policy.multiplier = m;
+        }
+    }
+    if policy.max_backoff < policy.initial_backoff {
+        errors.at(
+            line(raw),
+            step,
+            format!("{what}.max_backoff is shorter than initial_backoff"),
+        );
+    }
+    policy
+}
+
+/// The steps before the one being compiled: their plans (for those that compiled) and
+/// all their names.
+struct Earlier<'a> {
+    plans: &'a [StepPlan],
+    names: &'a BTreeSet<String>,
+}
+
+fn compile_step(
+    raw: &RawDefinition,
+    step: &Spanned<RawStep>,
+    earlier: &Earlier<'_>,
+    input: &Option<InputSchema>,
+    pools: &BTreeMap<String, DescriptorPool>,
+    errors: &mut Errors<'_>,
+) -> Option<StepPlan> {
+    let s = &step.value;
+    let name = s.name.value.as_str();
+    let start = errors.list.len();
+
+    let kind = match s.kind.as_ref().map(|k| k.value.as_str()) {
+        None | Some("compensatable") => StepKind::Compensatable,
+        Some("pivot") => StepKind::Pivot,
+        Some("retriable") => StepKind::Retriable,
+        Some(other) => {
+            errors.at(
+                s.kind.as_ref().map_or(0, line),
+                Some(name),
+                format!("unknown kind `{other}` (use compensatable, pivot or retriable)"),
+            );
+            StepKind::Compensatable
+        }
+    };
+
+    let participant = raw.participants.get(&s.participant.value);
+    if participant.is_none() {
+        let known: Vec<&str> = raw.participants.keys().map(String::as_str).collect();
+        errors.at(
+            line(&s.participant),
+            Some(name),
+            format!(
+                "unknown participant `{}` (declared: {})",
+                s.participant.value,
+                known.join(", ")
+            ),
+        );
+    }
+    let pool = pools.get(&s.participant.value);
+
+    match (kind, &s.compensation) {
+        (StepKind::Compensatable, None) => errors.at(
+            line(step),
+            Some(name),
+            "a compensatable step needs a `compensation` (or mark the step `kind: pivot` or `kind: retriable` if it is never undone)",
+        ),
+        (StepKind::Pivot | StepKind::Retriable, Some(c)) => errors.at(
+            line(c),
+            Some(name),
+            format!("a {} step is never compensated; remove its `compensation`", kind.as_str()),
+        ),
+        _ => {}
+    }
+
+    let action = compile_call(&s.action, name, false, earlier, input, pool, errors);
+    let compensation = s
+        .compensation
+        .as_ref()
+        .and_then(|c| compile_call(c, name, true, earlier, input, pool, errors));
+
+    let defaults = participant.map(|p| &p.value);
+    let mut timeout = DEFAULT_TIMEOUT;
+    if let Some(d) = defaults
+        .and_then(|p| p.timeout.as_ref())
+        .and_then(|t| parse_duration(&t.value).ok())
+    {
+        timeout = d;
+    }
+    if let Some(d) = s
+        .timeout
+        .as_ref()
+        .and_then(|t| duration(t, "timeout", Some(name), errors))
+    {
+        timeout = d;
+    }
+    let mut retry = RetryPolicy::ACTION_DEFAULT;
+    let mut compensation_retry = RetryPolicy::COMPENSATION_DEFAULT;
+    let mut ignore = Errors {
+        file: errors.file,
+        list: Vec::new(),
+    };
+    if let Some(r) = defaults.and_then(|p| p.retry.as_ref()) {
+        retry = retry_policy(retry, r, "retry", None, &mut ignore);
+    }
+    if let Some(r) = defaults.and_then(|p| p.compensation_retry.as_ref()) {
+        compensation_retry = retry_policy(
+            compensation_retry,
+            r,
+            "compensation_retry",
+            None,
+            &mut ignore,
+        );
+    }
+    if let Some(r) = &s.retry {
+        retry = retry_policy(retry, r, "retry", Some(name), errors);
+    }
+    if let Some(r) = &s.compensation_retry {
+        compensation_retry = retry_policy(
+            compensation_retry,
+            r,
+            "compensation_retry",
+            Some(name),
+            errors,
+        );
+    }
+
+    if errors.list.len() > start {
+        return None;
+    }
+    Some(StepPlan {
+        name: name.to_owned(),
+        participant: s.participant.value.clone(),
+        kind,
+        action: action?,
+        compensation,
+        timeout,
+        retry,
+        compensation_retry,
+    })
+}
+
+fn compile_call(
+    call: &Spanned<RawCall>,
+    step: &str,
+    is_compensation: bool,
+    earlier: &Earlier<'_>,
+    input: &Option<InputSchema>,
+    pool: Option<&DescriptorPool>,
+    errors: &mut Errors<'_>,
+) -> Option<CallPlan> {
+    let what = if is_compensation {
+        "compensation"
+    } else {
+        "action"
+    };
+    // References are checked even when the method or the descriptors are unusable.
+    let mut request = serde_json::Map::new();
+    for (field, value) in &call.value.request {
+        match template::references(&value.value) {
+            Ok(refs) => {
+                for reference in refs {
+                    check_reference(
+                        &reference,
+                        step,
+                        is_compensation,
+                        earlier,
+                        input,
+                        line(value),
+                        errors,
+                    );
+                }
+            }
+            Err(e) => errors.at(
+                line(value),
+                Some(step),
+                format!("{what} request field `{field}`: {e}"),
+            ),
+        }
+        request.insert(field.clone(), value.value.clone());
+    }
+    let method_text = call.value.method.value.trim();
+    let method_line = line(&call.value.method);
+    let Some((service_name, method_name)) = method_text
+        .split_once('/')
+        .filter(|(s, m)| s.contains('.') && !m.is_empty() && !m.contains('/'))
+    else {
+        errors.at(
+            method_line,
+            Some(step),
+            format!("{what} method `{method_text}` must be written `package.Service/Method`"),
+        );
+        return None;
+    };
+
+    let pool = pool?;
+    let Some(service) = pool.get_service_by_name(service_name) else {
+        let known: Vec<String> = pool.services().map(|s| s.full_name().to_owned()).collect();
+        errors.at(
+            method_line,
+            Some(step),
+            format!(
+                "{what}: the participant has no service `{service_name}` (it has: {})",
+                known.join(", ")
+            ),
+        );
+        return None;
+    };
+    let Some(method) = service.methods().find(|m| m.name() == method_name) else {
+        let known: Vec<String> = service.methods().map(|m| m.name().to_owned()).collect();
+        errors.at(
+            method_line,
+            Some(step),
+            format!(
+                "{what}: service `{service_name}` has no method `{method_name}` (it has: {})",
+                known.join(", ")
+            ),
+        );
+        return None;
+    };
+    if method.is_client_streaming() || method.is_server_streaming() {
+        errors.at(
+            method_line,
+            Some(step),
+            format!(
+                "{what}: `{method_text}` is a streaming method; only unary methods can be steps"
+            ),
+        );
+        return None;
+    }
+
+    let message = method.input();
+    let before = errors.list.len();
+    for (field, value) in &call.value.request {
+        check_field(
+            &message,
+            field,
+            &value.value,
+            &format!("{what} request"),
+            step,
+            line(value),
+            errors,
+        );
+    }
+    if errors.list.len() > before {
+        return None;
+    }
+    Some(CallPlan {
+        method: format!("{service_name}/{method_name}"),
+        request: Value::Object(request),
+        input: message,
+        output: method.output(),
+    })
+}
+
+fn find_field(message: &MessageDescriptor, name: &str) -> Option<FieldDescriptor> {
+    message
+        .get_field_by_name(name)
+        .or_else(|| message.get_field_by_json_name(name))
+}
+
+fn field_names(message: &MessageDescriptor) -> String {
+    message
+        .fields()
+        .map(|f| f.name().to_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn is_template(value: &Value) -> bool {
+    matches!(value, Value::String(s) if s.contains("${"))
+}
+
+/// Checks that `name` is a field of `message` and that `value` has a compatible shape.
+fn check_field(
+    message: &MessageDescriptor,
+    name: &str,
+    value: &Value,
+    path: &str,
+    step: &str,
+    at: u32,
+    errors: &mut Errors<'_>,
+) {
+    let full = format!("{path}.{name}");
+    let Some(field) = find_field(message, name) else {
+        errors.at(
+            at,
+            Some(step),
+            format!(
+                "`{full}`: message `{}` has no field `{name}` (fields: {})",
+                message.full_name(),
+                field_names(message)
+            ),
+        );
+        return;
+    };
+    if is_template(value) || value.is_null() {
+        return;
+    }
+    if field.is_list() {
+        match value {
+            Value::Array(items) => {
+                for item in items {
+                    check_scalar(&field, item, &full, step, at, errors);
+                }
+            }
+            _ => errors.at(
+                at,
+                Some(step),
+                format!("`{full}`: field is a list; give a list or a reference"),
+            ),
+        }
+        return;
+    }
+    if field.is_map() {
+        if !value.is_object() {
+            errors.at(
+                at,
+                Some(step),
+                format!("`{full}`: field is a map; give a mapping or a reference"),
+            );
+        }
+        return;
+    }
+    check_scalar(&field, value, &full, step, at, errors);
+}
+
+fn check_scalar(
+    field: &FieldDescriptor,
+    value: &Value,
+    full: &str,
+    step: &str,
+    at: u32,
+    errors: &mut Errors<'_>,
+) {
+    if is_template(value) {
+        return;
+    }
+    let ok = match field.kind() {
+        Kind::Message(nested) => {
+            if nested.full_name().starts_with("google.protobuf.") {
+                true
+            } else if let Value::Object(map) = value {
+                for (name, inner) in map {
+                    check_field(&nested, name, inner, full, step, at, errors);
+                }
+                true
+            } else {
+                false
+            }
+        }
+        Kind::String | Kind::Bytes => value.is_string(),
+        Kind::Bool => value.is_boolean(),
+        Kind::Enum(_) => value.is_string() || value.is_i64(),
+        // The JSON mapping accepts numbers and numeric strings for every numeric kind.
+        _ => value.is_number() || value.as_str().is_some_and(|s| s.parse::<f64>().is_ok()),
+    };
+    if !ok {
+        errors.at(
+            at,
+            Some(step),
+            format!(
+                "`{full}`: {value} does not fit a field of type {:?}",
+                field.kind()
+            ),
+        );
+    }
+}
+
+fn check_reference(
+    reference: &Reference,
+    step: &str,
+    is_compensation: bool,
+    earlier: &Earlier<'_>,
+    input: &Option<InputSchema>,
+    at: u32,
+    errors: &mut Errors<'_>,
+) {
+    let path = reference.path();
+    let segments = &reference.segments;
+    match segments[0].as_str() {
+        "input" => {
+            if let (Some(schema), Some(field)) = (input, segments.get(1)) {
+                if schema.field(field).is_none() {
+                    errors.at(
+                        at,
+                        Some(step),
+                        format!("`${{{path}}}`: the definition's input has no field `{field}`"),
+                    );
+                }
+            }
+        }
+        "saga" => {
+            let ok = segments.len() == 2
+                && matches!(segments[1].as_str(), "id" | "definition" | "version");
+            if !ok {
+                errors.at(
+                    at,
+                    Some(step),
+                    format!("`${{{path}}}`: use saga.id, saga.definition or saga.version"),
+                );
+            }
+        }
+        "steps" => {
+            let Some(target) = segments.get(1) else {
+                errors.at(
+                    at,
+                    Some(step),
+                    format!("`${{{path}}}`: name a step, as in steps.<name>.output.<field>"),
+                );
+                return;
+            };
+            if segments.get(2).map(String::as_str) != Some("output") {
+                errors.at(at, Some(step), format!("`${{{path}}}`: only a step's output can be referenced (steps.{target}.output...)"));
+                return;
+            }
+            let found = earlier.plans.iter().find(|s| &s.name == target);
+            if found.is_none() && earlier.names.contains(target) {
+                // The step exists but did not compile; its own errors are reported.
+                return;
+            }
+            let Some(found) = found else {
+                let allowed = if is_compensation {
+                    "this step or an earlier one"
+                } else {
+                    "an earlier step"
+                };
+                if !(is_compensation && target == step) {
+                    errors.at(
+                        at,
+                        Some(step),
+                        format!("`${{{path}}}`: `{target}` is not {allowed}"),
+                    );
+                }
+                return;
+            };
+            let mut message = found.action.output.clone();
+            for segment in &segments[3..] {
+                let Some(field) = find_field(&message, segment) else {
+                    errors.at(
+                        at,
+                        Some(step),
+                        format!(
+                            "`${{{path}}}`: the output of `{target}` (`{}`) has no field `{segment}` (fields: {})",
+                            message.full_name(),
+                            field_names(&message)
+                        ),
+                    );
+                    return;
+                };
+                match field.kind() {
+                    Kind::Message(nested) if !field.is_list() && !field.is_map() => {
+                        message = nested
+                    }
+                    _ => return,
+                }
+            }
+        }
+        other => errors.at(
+            at,
+            Some(step),
+            format!("`${{{path}}}`: unknown root `{other}` (use input, steps or saga)"),
+        ),
+    }
+}
+
+/// Kinds must run compensatable steps, then at most one pivot, then retriable steps.
+fn check_kinds(raw: &RawDefinition, errors: &mut Errors<'_>) {
+    let mut pivot: Option<String> = None;
+    let mut retriable: Option<String> = None;
+    let mut names = BTreeSet::new();
+    for step in &raw.steps {
+        let s = &step.value;
+        let name = s.name.value.as_str();
+        names.insert(name);
+        let kind = s
+            .kind
+            .as_ref()
+            .map(|k| k.value.as_str())
+            .unwrap_or("compensatable");
+        match kind {
+            "pivot" => {
+                if let Some(first) = &pivot {
+                    errors.at(
+                        line(step),
+                        Some(name),
+                        format!("a saga has at most one pivot; `{first}` is already the pivot"),
+                    );
+                } else if let Some(r) = &retriable {
+                    errors.at(
+                        line(step),
+                        Some(name),
+                        format!("the pivot must come before retriable step `{r}`"),
+                    );
+                }
+                pivot.get_or_insert_with(|| name.to_owned());
+            }
+            "retriable" => {
+                retriable.get_or_insert_with(|| name.to_owned());
+            }
+            "compensatable" => {
+                if let Some(p) = &pivot {
+                    errors.at(line(step), Some(name), format!("steps after the pivot `{p}` must be retriable (they are never compensated)"));
+                } else if let Some(r) = &retriable {
+                    errors.at(
+                        line(step),
+                        Some(name),
+                        format!("a compensatable step cannot follow retriable step `{r}`"),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}

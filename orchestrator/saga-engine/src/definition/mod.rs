@@ -1,0 +1,225 @@
+//! Saga definitions: YAML parsed into raw structs, then compiled into a validated [`Plan`].
+//!
+//! Compilation collects every error it finds, each with file, line and step, instead of
+//! stopping at the first. Method and field checks use the participants' protobuf
+//! descriptors, which the caller supplies through [`DescriptorLookup`] (the engine does no
+//! I/O to fetch them).
+
+mod compile;
+mod raw;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use prost_reflect::{DescriptorPool, MessageDescriptor};
+use serde_json::Value;
+
+pub use compile::{compile, parse};
+pub use raw::RawDefinition;
+pub use schema::{FieldType, InputField, InputSchema};
+
+/// One problem in a definition, located as precisely as the YAML allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionError {
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<u32>,
+    /// The step the problem belongs to, if any.
+    pub step: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(step) = &self.step {
+            write!(f, ": step `{step}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in one definition, sorted by line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DefinitionErrors(pub Vec<DefinitionError>);
+
+impl fmt::Display for DefinitionErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.0.len();
+        write!(
+            f,
+            "invalid definition ({count} error{})",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for error in &self.0 {
+            write!(f, "\n  {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the engine may find a participant's protobuf descriptors.
+pub trait DescriptorLookup {
+    /// The descriptors for `participant`, or a sentence saying why they could not be had.
+    fn pool(&self, participant: &str) -> Result<DescriptorPool, String>;
+}
+
+impl DescriptorLookup for BTreeMap<String, DescriptorPool> {
+    fn pool(&self, participant: &str) -> Result<DescriptorPool, String> {
+        self.get(participant)
+            .cloned()
+            .ok_or_else(|| format!("no descriptors for participant `{participant}`"))
+    }
+}
+
+/// A validated definition: what the engine runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub version: u32,
+    /// The file (or `PutDefinition` source name) it came from.
+    pub file: String,
+    /// The exact YAML text, kept so a version can be compared and served back.
+    pub yaml: String,
+    pub description: Option<String>,
+    pub input: Option<InputSchema>,
+    pub participants: BTreeMap<String, Participant>,
+    pub steps: Vec<StepPlan>,
+}
+
+impl Plan {
+    /// The step called `name`, with its index.
+    pub fn step(&self, name: &str) -> Option<(usize, &StepPlan)> {
+        self.steps.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+
+    /// The pivot step's index, if the definition has one.
+    pub fn pivot(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.kind == StepKind::Pivot)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Participant {
+    pub name: String,
+    /// The participant's URL, e.g. `http://127.0.0.1:50061`; the runtime may override it.
+    pub endpoint: String,
+    /// Path of a descriptor set file, if the definition names one; otherwise reflection.
+    pub descriptor_set: Option<String>,
+}
+
+/// The classic saga step kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// Has a compensation; runs before the pivot.
+    Compensatable,
+    /// The go/no-go step: once it succeeds the saga can only go forward. Never compensated.
+    Pivot,
+    /// After the pivot; retried until it succeeds and never compensated.
+    Retriable,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Compensatable => "compensatable",
+            StepKind::Pivot => "pivot",
+            StepKind::Retriable => "retriable",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepPlan {
+    pub name: String,
+    pub participant: String,
+    pub kind: StepKind,
+    pub action: CallPlan,
+    pub compensation: Option<CallPlan>,
+    /// Per-attempt deadline.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub compensation_retry: RetryPolicy,
+}
+
+/// One unary gRPC call: the method and the request mapping.
+#[derive(Debug, Clone)]
+pub struct CallPlan {
+    /// `package.Service/Method`.
+    pub method: String,
+    /// The request mapping, with `${...}` references (see [`crate::template`]).
+    pub request: Value,
+    pub input: MessageDescriptor,
+    pub output: MessageDescriptor,
+}
+
+impl CallPlan {
+    /// The HTTP/2 path of the method, `/package.Service/Method`.
+    pub fn path(&self) -> String {
+        format!("/{}", self.method)
+    }
+}
+
+/// Exponential backoff with jitter, bounded by a number of attempts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+}
+
+impl RetryPolicy {
+    pub const ACTION_DEFAULT: RetryPolicy = RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(5),
+        multiplier: 2.0,
+    };
+
+    pub const COMPENSATION_DEFAULT: RetryPolicy = RetryPolicy {
+        max_attempts: 30,
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(30),
+        multiplier: 2.0,
+    };
+
+    /// The wait after failed attempt `attempt` (1-based). `jitter` in `[0, 1)` spreads the
+    /// wait over its upper half ("equal jitter"), so retries of many sagas do not align.
+    pub fn backoff(&self, attempt: u32, jitter: f64) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(64) as i32;
+        let base = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exponent);
+        let capped = base.min(self.max_backoff.as_secs_f64());
+        let jitter = jitter.clamp(0.0, 1.0);
+        Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter))
+    }
+}
+
+/// The default per-attempt deadline of a call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            multiplier: 2.0,
+        };
+        assert_eq!(policy.backoff(1, 1.0), Duration::from_millis(100));
+        assert_eq!(policy.backoff(3, 1.0), Duration::from_millis(400));
+        assert_eq!(policy.backoff(3, 0.0), Duration::from_millis(200));
+        assert_eq!(policy.backoff(20, 1.0), Duration::from_millis(1000));
+        assert_eq!(policy.backoff(u32::MAX, 1.0), Duration::from_millis(1000));
+    }
+}
