@@ -1,1 +1,253 @@
+//! The harness for cross-process scenarios: a [`Cluster`] of real gRPC servers on
+//! `127.0.0.1:0` (payment, store and rider participants and an orchestrator), each with
+//! its own temporary sled directory, and helpers to drive and inspect it.
+//!
+//! Waiting is done by watching (the WatchSaga stream ends at a terminal status) under a
+//! deadline, never by sleeping.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use participants::{Kind, ParticipantHandle};
+use proto::participant::v1::{LedgerEntry, ListLedgerRequest};
+use proto::saga::v1 as pb;
+use proto::saga::v1::saga_orchestrator_client::SagaOrchestratorClient;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+pub use orchestrator::Orchestrator;
+
+/// How long a scenario waits for a saga before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The repository's `sagas/` folder.
+pub fn sagas_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sagas")
+}
+
+/// A standard order-placement input; `changes` overrides fields.
+pub fn order_input(order_id: &str, changes: Value) -> Value {
+    let mut input = json!({
+        "order_id": order_id,
+        "customer_id": "c-1",
+        "amount_cents": 2599,
+        "card": "tok_visa",
+        "store_id": "s-1",
+        "items": ["bibimbap"],
+        "zone": "gangnam",
+    });
+    if let (Value::Object(base), Value::Object(changes)) = (&mut input, changes) {
+        base.extend(changes);
+    }
+    input
+}
+
+/// Participants and an orchestrator on loopback, with their data in one temp dir.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub participants: BTreeMap<String, ParticipantHandle>,
+    pub orchestrator: Option<Orchestrator>,
+    pub client: SagaOrchestratorClient<Channel>,
+}
+
+/// Logs to stderr when `SAGA_TEST_LOG` is set (e.g. `SAGA_TEST_LOG=debug`), for
+/// investigating a failing scenario.
+pub fn init_test_logging() {
+    if let Ok(filter) = std::env::var("SAGA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+impl Cluster {
+    /// Starts the three participants and an orchestrator loading `sagas/`.
+    pub async fn start() -> anyhow::Result<Cluster> {
+        init_test_logging();
+        let dir = tempfile::tempdir()?;
+        let mut participants = BTreeMap::new();
+        for kind in [Kind::Payment, Kind::Store, Kind::Rider] {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let handle = participants::spawn(kind, listener, &dir.path().join(kind.to_string()))
+                .await
+                .with_context(|| format!("start {kind}"))?;
+            participants.insert(kind.to_string(), handle);
+        }
+        let (orchestrator, client) = start_orchestrator(&dir, &participants).await?;
+        Ok(Cluster {
+            dir,
+            participants,
+            orchestrator: Some(orchestrator),
+            client,
+        })
+    }
+
+    pub fn orchestrator(&self) -> &Orchestrator {
+        self.orchestrator.as_ref().expect("orchestrator running")
+    }
+
+    pub fn participant(&self, kind: Kind) -> &ParticipantHandle {
+        &self.participants[&kind.to_string()]
+    }
+
+    /// Stops the orchestrator (in-flight calls are abandoned) and starts a new one on the
+    /// same data directory.
+    pub async fn restart_orchestrator(&mut self) -> anyhow::Result<()> {
+        if let Some(old) = self.orchestrator.take() {
+            old.shutdown().await;
+        }
+        let (orchestrator, client) = start_orchestrator(&self.dir, &self.participants).await?;
+        self.orchestrator = Some(orchestrator);
+        self.client = client;
+        Ok(())
+    }
+
+    /// Starts a saga of `definition` with `input` and an optional idempotency key.
+    pub async fn start_saga(
+        &mut self,
+        definition: &str,
+        input: Value,
+        key: &str,
+    ) -> Result<pb::StartSagaResponse, tonic::Status> {
+        let request = pb::StartSagaRequest {
+            definition: definition.to_owned(),
+            version: None,
+            input: Some(orchestrator::convert::json_to_struct(&input)),
+            idempotency_key: key.to_owned(),
+        };
+        self.client
+            .start_saga(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits (by watching, under [`DEADLINE`]) until the saga is terminal; returns it.
+    pub async fn wait_terminal(&mut self, saga_id: &str) -> anyhow::Result<pb::Saga> {
+        let mut client = self.client.clone();
+        let id = saga_id.to_owned();
+        tokio::time::timeout(DEADLINE, async move {
+            let mut stream = client
+                .watch_saga(pb::WatchSagaRequest {
+                    saga_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            let saga = client
+                .get_saga(pb::GetSagaRequest { saga_id: id })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(saga)
+        })
+        .await
+        .with_context(|| format!("saga {saga_id} not terminal within {DEADLINE:?}"))?
+    }
+
+    /// A participant's whole ledger.
+    pub async fn ledger(&self, kind: Kind) -> anyhow::Result<Vec<LedgerEntry>> {
+        ledger(self.participant(kind)).await
+    }
+
+    /// Starts a saga and waits for its end.
+    pub async fn run(&mut self, definition: &str, input: Value) -> anyhow::Result<pb::Saga> {
+        let started = self.start_saga(definition, input, "").await?;
+        self.wait_terminal(&started.saga_id).await
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(o) = self.orchestrator.take() {
+            o.shutdown().await;
+        }
+        for (_, p) in std::mem::take(&mut self.participants) {
+            p.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn start_orchestrator(
+    dir: &TempDir,
+    participants: &BTreeMap<String, ParticipantHandle>,
+) -> anyhow::Result<(Orchestrator, SagaOrchestratorClient<Channel>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let config = orchestrator::Config {
+        data: dir.path().join("orchestrator"),
+        sagas: Some(sagas_dir()),
+        participants: participants
+            .iter()
+            .map(|(name, p)| (name.clone(), format!("http://{}", p.addr)))
+            .collect(),
+        descriptor_wait: Duration::from_secs(10),
+    };
+    let orchestrator = Orchestrator::start(config, listener).await?;
+    let client = SagaOrchestratorClient::connect(format!("http://{}", orchestrator.addr())).await?;
+    Ok((orchestrator, client))
+}
+
+/// The ledger of one participant, through its gRPC API.
+pub async fn ledger(participant: &ParticipantHandle) -> anyhow::Result<Vec<LedgerEntry>> {
+    let channel = Channel::from_shared(format!("http://{}", participant.addr))?
+        .connect()
+        .await?;
+    let request = tonic::Request::new(ListLedgerRequest {});
+    let entries = match participant.kind {
+        Kind::Payment => {
+            proto::payment::v1::payment_client::PaymentClient::new(channel)
+                .list_ledger(request)
+                .await?
+        }
+        Kind::Store => {
+            proto::store::v1::store_client::StoreClient::new(channel)
+                .list_ledger(request)
+                .await?
+        }
+        Kind::Rider => {
+            proto::rider::v1::rider_client::RiderClient::new(channel)
+                .list_ledger(request)
+                .await?
+        }
+    };
+    Ok(entries.into_inner().entries)
+}
+
+/// The (operation, noop) pairs of a saga's entries in a ledger, in ledger order.
+pub fn effects_of(ledger: &[LedgerEntry], saga_id: &str) -> Vec<(String, bool)> {
+    ledger
+        .iter()
+        .filter(|e| e.idempotency_key.starts_with(&format!("{saga_id}/")))
+        .map(|e| (e.operation.clone(), e.noop))
+        .collect()
+}
+
+/// The status name of a saga message.
+pub fn status(saga: &pb::Saga) -> &'static str {
+    match pb::SagaStatus::try_from(saga.status).unwrap_or(pb::SagaStatus::Unspecified) {
+        pb::SagaStatus::Unspecified => "UNSPECIFIED",
+        pb::SagaStatus::Running => "RUNNING",
+        pb::SagaStatus::Waiting => "WAITING",
+        pb::SagaStatus::Compensating => "COMPENSATING",
+        pb::SagaStatus::Completed => "COMPLETED",
+        pb::SagaStatus::Compensated => "COMPENSATED",
+        pb::SagaStatus::Failed => "FAILED",
+    }
+}
+
+/// Fails unless every idempotency key appears at most once in the ledger.
+pub fn assert_no_doubled_effects(ledger: &[LedgerEntry]) -> anyhow::Result<()> {
+    let mut seen = BTreeMap::new();
+    for entry in ledger {
+        if let Some(first) = seen.insert(entry.idempotency_key.clone(), entry.seq) {
+            bail!(
+                "key {} has two ledger entries (seq {first} and {})",
+                entry.idempotency_key,
+                entry.seq
+            );
+        }
+    }
+    Ok(())
+}

@@ -770,10 +770,10 @@ impl Saga {
                 self.reason.clone().unwrap_or_default(),
             ));
         }
-        if let Some(pivot) = plan.pivot() {
-            if self.steps[pivot].status == StepStatus::Succeeded {
-                return Err(CancelRefused::PastPivot(plan.steps[pivot].name.clone()));
-            }
+        if let Some(pivot) = plan.pivot()
+            && self.steps[pivot].status == StepStatus::Succeeded
+        {
+            return Err(CancelRefused::PastPivot(plan.steps[pivot].name.clone()));
         }
         Ok(Some(self.event(
             now_ms,

@@ -53,15 +53,13 @@ fn first_line(message: &str) -> String {
     let mut text = message.lines().next().unwrap_or(message).trim();
     text = text.strip_prefix("error:").unwrap_or(text).trim_start();
     // "line 6 column 5: ..." repeats what the location already says.
-    if let Some(rest) = text.strip_prefix("line ") {
-        if let Some((position, sentence)) = rest.split_once(": ") {
-            if position
-                .split(" column ")
-                .all(|n| n.trim().parse::<u32>().is_ok())
-            {
-                text = sentence;
-            }
-        }
+    if let Some(rest) = text.strip_prefix("line ")
+        && let Some((position, sentence)) = rest.split_once(": ")
+        && position
+            .split(" column ")
+            .all(|n| n.trim().parse::<u32>().is_ok())
+    {
+        text = sentence;
     }
     text.to_owned()
 }
@@ -704,14 +702,14 @@ fn check_reference(
     let segments = &reference.segments;
     match segments[0].as_str() {
         "input" => {
-            if let (Some(schema), Some(field)) = (input, segments.get(1)) {
-                if schema.field(field).is_none() {
-                    errors.at(
-                        at,
-                        Some(step),
-                        format!("`${{{path}}}`: the definition's input has no field `{field}`"),
-                    );
-                }
+            if let (Some(schema), Some(field)) = (input, segments.get(1))
+                && schema.field(field).is_none()
+            {
+                errors.at(
+                    at,
+                    Some(step),
+                    format!("`${{{path}}}`: the definition's input has no field `{field}`"),
+                );
             }
         }
         "saga" => {

@@ -1,0 +1,180 @@
+//! Assembling an orchestrator: store, definitions, recovery, and the gRPC server with
+//! health and reflection. The binaries and the tests start orchestrators through here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_store::{SagaStore, SledStore};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use proto::saga::v1::saga_orchestrator_server::SagaOrchestratorServer;
+
+use crate::api::Api;
+use crate::registry::Registry;
+use crate::runtime::Runtime;
+
+/// What an orchestrator needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The sled data directory.
+    pub data: PathBuf,
+    /// A folder of definitions to load (and store) at start, if any.
+    pub sagas: Option<PathBuf>,
+    /// Participant name → endpoint, overriding the definitions' endpoints.
+    pub participants: BTreeMap<String, String>,
+    /// How long to keep trying to reach a participant's reflection service at start.
+    pub descriptor_wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] saga_store::StoreError),
+    #[error("cannot load definitions:\n  {}", .0.join("\n  "))]
+    Definitions(Vec<String>),
+    #[error("cannot resume sagas: {0}")]
+    Recover(crate::error::Error),
+    #[error("gRPC server: {0}")]
+    Server(String),
+}
+
+/// A running orchestrator.
+pub struct Orchestrator {
+    addr: SocketAddr,
+    runtime: Runtime,
+    store: SledStore,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Orchestrator {
+    /// Opens the store, loads definitions (stored ones, then the `sagas` folder), resumes
+    /// unfinished sagas and serves gRPC on `listener`.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Orchestrator, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Server(e.to_string()))?;
+        let store = SledStore::open(&config.data)?;
+        let shared: Arc<dyn SagaStore> = Arc::new(store.clone());
+        let registry = Arc::new(Registry::new(
+            shared.clone(),
+            config.participants.clone(),
+            config.descriptor_wait,
+        ));
+        let mut problems = registry
+            .load_stored()
+            .await
+            .map_err(|e| StartError::Definitions(vec![e.to_string()]))?;
+        if let Some(dir) = &config.sagas {
+            if dir.is_dir() {
+                if let Err(errors) = registry.load_dir(dir).await {
+                    problems.extend(errors);
+                    return Err(StartError::Definitions(problems));
+                }
+            } else {
+                tracing::warn!(dir = %dir.display(), "no definitions folder; definitions can still be put through the API");
+            }
+        }
+        for problem in &problems {
+            tracing::error!(cause = %problem, "stored definition could not be loaded; its sagas wait for it");
+        }
+        let runtime = Runtime::new(shared.clone(), registry);
+        let resumed = runtime.recover().await.map_err(StartError::Recover)?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished sagas");
+        }
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<SagaOrchestratorServer<Api>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Server(e.to_string()))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = SagaOrchestratorServer::new(Api::new(runtime.clone()));
+        let monitor_store = shared.clone();
+        let monitor_runtime = runtime.clone();
+        // Health follows the store: a storage fault makes the service NOT_SERVING.
+        tokio::spawn(async move {
+            let mut faulted = false;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = monitor_runtime.shutting_down() => return,
+                }
+                let now_faulted = monitor_store.health().is_err();
+                if now_faulted != faulted {
+                    faulted = now_faulted;
+                    if faulted {
+                        health
+                            .set_not_serving::<SagaOrchestratorServer<Api>>()
+                            .await;
+                    } else {
+                        health.set_serving::<SagaOrchestratorServer<Api>>().await;
+                    }
+                }
+            }
+        });
+        let server = tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        tracing::info!(%addr, "orchestrator serving gRPC");
+        Ok(Orchestrator {
+            addr,
+            runtime,
+            store,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The store, for inspection (stats) and fault injection in tests.
+    pub fn store(&self) -> &SledStore {
+        &self.store
+    }
+
+    /// Stops serving, stops the drivers at a safe point and closes the store; the data
+    /// directory can be reopened when this returns.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.runtime.shutdown().await;
+        if let Some(server) = self.server.take() {
+            match server.await {
+                Ok(Err(e)) => tracing::warn!(cause = %e, "gRPC server ended with an error"),
+                Err(e) => tracing::warn!(cause = %e, "gRPC server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The orchestrator's errors, and the one place they become gRPC statuses.
+
+use saga_engine::DefinitionErrors;
+use saga_store::StoreError;
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("definition `{0}` not found")]
+    UnknownDefinition(String),
+    #[error("definition `{name}` has no version {version} (versions: {known})")]
+    UnknownVersion {
+        name: String,
+        version: u32,
+        known: String,
+    },
+    #[error("saga `{0}` not found")]
+    UnknownSaga(String),
+    /// Bad input from the caller; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Definition(#[from] DefinitionErrors),
+    #[error("idempotency key `{key}` was already used for saga {saga_id} with a different request")]
+    IdempotencyConflict { key: String, saga_id: String },
+    #[error(
+        "definition `{name}` version {version} already exists with different content; versions are immutable, so give the change a new version"
+    )]
+    VersionConflict { name: String, version: u32 },
+    #[error("saga {saga_id} cannot be cancelled: {reason}")]
+    CancelRefused { saga_id: String, reason: String },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the orchestrator is shutting down")]
+    ShuttingDown,
+    /// A fault inside the orchestrator; details are logged, not sent to clients.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let code = match &error {
+            Error::UnknownDefinition(_) | Error::UnknownVersion { .. } | Error::UnknownSaga(_) => {
+                Code::NotFound
+            }
+            Error::InvalidArgument(_) | Error::Definition(_) => Code::InvalidArgument,
+            Error::IdempotencyConflict { .. } | Error::VersionConflict { .. } => {
+                Code::AlreadyExists
+            }
+            Error::CancelRefused { .. } => Code::FailedPrecondition,
+            Error::Store(StoreError::Fault(_) | StoreError::Closed) | Error::ShuttingDown => {
+                Code::Unavailable
+            }
+            Error::Store(StoreError::Corrupt { .. }) | Error::Internal(_) => Code::Internal,
+        };
+        match code {
+            Code::Internal => {
+                tracing::error!(cause = %error, "internal error");
+                Status::internal("internal error; see the orchestrator's log")
+            }
+            Code::Unavailable => {
+                tracing::warn!(cause = %error, "request refused: orchestrator unavailable");
+                Status::unavailable(error.to_string())
+            }
+            _ => Status::new(code, error.to_string()),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Dynamic unary gRPC calls to participants, built from protobuf descriptors.
+//!
+//! A call's request is JSON (the rendered mapping); the invoker turns it into a
+//! `DynamicMessage` of the method's input type, sends it with the `idempotency-key`
+//! metadata and a deadline, and turns the reply back into JSON. Channels are created once
+//! per endpoint and shared by every saga.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use prost::Message;
+use prost_reflect::{DynamicMessage, MessageDescriptor, SerializeOptions};
+use saga_engine::CallError;
+use saga_engine::definition::CallPlan;
+use serde_json::Value;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The codes after which another attempt may succeed.
+pub fn is_retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+    )
+}
+
+/// The gRPC code's name as the API shows it, e.g. `FAILED_PRECONDITION`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn status_error(status: &Status) -> CallError {
+    CallError {
+        code: code_name(status.code()).to_owned(),
+        message: status.message().to_owned(),
+        retryable: is_retryable(status.code()),
+    }
+}
+
+fn invalid_request(message: String) -> CallError {
+    CallError {
+        code: "INVALID_REQUEST".to_owned(),
+        message,
+        retryable: false,
+    }
+}
+
+/// Encodes a `DynamicMessage` and decodes replies of a known type.
+#[derive(Debug, Clone)]
+pub struct DynamicCodec {
+    output: MessageDescriptor,
+}
+
+impl Codec for DynamicCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynamicEncoder;
+    type Decoder = DynamicDecoder;
+
+    fn encoder(&mut self) -> DynamicEncoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> DynamicDecoder {
+        DynamicDecoder(self.output.clone())
+    }
+}
+
+#[derive(Debug)]
+pub struct DynamicEncoder;
+
+impl Encoder for DynamicEncoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("cannot encode request: {e}")))
+    }
+}
+
+#[derive(Debug)]
+pub struct DynamicDecoder(MessageDescriptor);
+
+impl Decoder for DynamicDecoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Status> {
+        DynamicMessage::decode(self.0.clone(), src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("cannot decode reply: {e}")))
+    }
+}
+
+/// Builds the request message from JSON.
+pub fn request_message(plan: &CallPlan, request: &Value) -> Result<DynamicMessage, CallError> {
+    DynamicMessage::deserialize(plan.input.clone(), request).map_err(|e| {
+        invalid_request(format!(
+            "request for {} does not fit {}: {e}",
+            plan.method,
+            plan.input.full_name()
+        ))
+    })
+}
+
+/// The reply as JSON, with field names as in the .proto file and 64-bit integers as numbers.
+pub fn reply_json(message: &DynamicMessage) -> Result<Value, CallError> {
+    let options = SerializeOptions::new()
+        .stringify_64_bit_integers(false)
+        .use_proto_field_name(true)
+        .skip_default_fields(false);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| invalid_request(format!("cannot read the reply as JSON: {e}")))
+}
+
+/// Makes participant calls; cheap to share.
+#[derive(Debug, Default)]
+pub struct Invoker {
+    /// A std Mutex: only held to look up or insert a channel, never across an await.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Invoker {
+    pub fn new() -> Invoker {
+        Invoker::default()
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel, CallError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| invalid_request(format!("bad endpoint `{endpoint}`: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Calls `plan`'s method at `endpoint` with a JSON request; the reply comes back as JSON.
+    pub async fn call(
+        &self,
+        endpoint: &str,
+        plan: &CallPlan,
+        request: &Value,
+        idempotency_key: &str,
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
+        let message = request_message(plan, request)?;
+        let channel = self.channel(endpoint)?;
+        let path = PathAndQuery::try_from(plan.path())
+            .map_err(|e| invalid_request(format!("bad method path {}: {e}", plan.path())))?;
+        let mut request = tonic::Request::new(message);
+        let key = idempotency_key.parse().map_err(|_| {
+            invalid_request(format!(
+                "idempotency key `{idempotency_key}` is not valid metadata"
+            ))
+        })?;
+        request.metadata_mut().insert("idempotency-key", key);
+        request.set_timeout(timeout);
+        let codec = DynamicCodec {
+            output: plan.output.clone(),
+        };
+        let attempt = async {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.map_err(|e| {
+                Status::unavailable(format!("participant at {endpoint} is not reachable: {e}"))
+            })?;
+            grpc.unary(request, path, codec).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(reply)) => reply_json(reply.get_ref()),
+            Ok(Err(status)) => Err(status_error(&status)),
+            Err(_) => Err(CallError {
+                code: "DEADLINE_EXCEEDED".to_owned(),
+                message: format!(
+                    "no reply from {} within {} ms",
+                    plan.method,
+                    timeout.as_millis()
+                ),
+                retryable: true,
+            }),
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! The runtime: runs sagas by interpreting the engine's decisions.
+//!
+//! Each active saga has one driver task that owns its state. The driver asks the engine
+//! what to do next; events it records are made durable (through the store's group commit)
+//! before anything that depends on them happens: a participant is called only after the
+//! attempt's `step_started` event is durable, and a result is durable before the saga
+//! moves on. Several events are stored together when nothing external happens between
+//! them (a result and the next step's intent share one write).
+//!
+//! On start, [`Runtime::recover`] resumes every saga that is not terminal. A call whose
+//! intent was stored but whose result was not is made again with the same idempotency key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use saga_engine::saga::CancelRefused;
+use saga_engine::{Event, EventKind, Next, Phase, Plan, Saga, SagaStatus};
+use saga_store::{Created, ListFilter, NewSaga, SagaStore, Summary};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::invoker::Invoker;
+use crate::registry::Registry;
+
+/// Largest saga input accepted, as JSON bytes.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An event made durable, with the saga's status after it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub saga_id: Arc<str>,
+    pub event: Event,
+    pub status: SagaStatus,
+}
+
+enum Command {
+    Cancel {
+        reason: String,
+        reply: oneshot::Sender<Result<SagaStatus>>,
+    },
+}
+
+struct Inner {
+    store: Arc<dyn SagaStore>,
+    registry: Arc<Registry>,
+    invoker: Invoker,
+    /// Active drivers. A std Mutex: held only to insert, look up or remove.
+    drivers: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
+    events: broadcast::Sender<Published>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// A handle on the runtime; cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+/// FNV-1a over the definition name and the canonical input: identifies a StartSaga
+/// request so a reused idempotency key with another request can be refused.
+fn request_digest(definition: &str, input: &Value) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in definition
+        .bytes()
+        .chain([0])
+        .chain(input.to_string().into_bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn summary_of(saga: &Saga, digest: &str) -> Summary {
+    Summary {
+        saga_id: saga.id.clone(),
+        definition: saga.definition.clone(),
+        version: saga.version,
+        status: saga.status(),
+        idempotency_key: saga.idempotency_key.clone(),
+        request_digest: digest.to_owned(),
+        created_at_ms: saga.created_at_ms,
+        updated_at_ms: saga.updated_at_ms,
+        last_seq: saga.last_seq,
+    }
+}
+
+/// Why a driver stopped before its saga was terminal.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("storage: {0}")]
+    Store(#[from] saga_store::StoreError),
+    #[error("engine: {0}")]
+    Engine(#[from] saga_engine::saga::EngineError),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Runtime {
+    pub fn new(store: Arc<dyn SagaStore>, registry: Arc<Registry>) -> Runtime {
+        let (events, _) = broadcast::channel(4096);
+        Runtime {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                invoker: Invoker::new(),
+                drivers: Mutex::new(HashMap::new()),
+                events,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.inner.store
+    }
+
+    /// Starts a saga; returns `(saga_id, created, version)`. Acknowledged only once the
+    /// saga is durably stored.
+    pub async fn start_saga(
+        &self,
+        definition: &str,
+        version: Option<u32>,
+        input: Value,
+        idempotency_key: &str,
+    ) -> Result<(String, bool, u32)> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if definition.trim().is_empty() {
+            return Err(Error::InvalidArgument(
+                "definition: a definition name is required".into(),
+            ));
+        }
+        let plan = self.inner.registry.get(definition, version)?;
+        let size = input.to_string().len();
+        if size > MAX_INPUT_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "input is {size} bytes; the limit is {MAX_INPUT_BYTES}"
+            )));
+        }
+        if let Some(schema) = &plan.input {
+            schema
+                .check(&input)
+                .map_err(|errors| Error::InvalidArgument(errors.join("; ")))?;
+        }
+        if idempotency_key.len() > 256 {
+            return Err(Error::InvalidArgument(
+                "idempotency_key: longer than 256 bytes".into(),
+            ));
+        }
+        let saga_id = uuid::Uuid::now_v7().to_string();
+        let key = if idempotency_key.is_empty() {
+            saga_id.clone()
+        } else {
+            idempotency_key.to_owned()
+        };
+        let digest = request_digest(&plan.name, &input);
+        let first = Saga::start_event(&plan, &saga_id, input, &key, now_ms());
+        let saga =
+            Saga::from_events(&plan, [&first]).map_err(|e| Error::Internal(e.to_string()))?;
+        let created = self
+            .inner
+            .store
+            .create(NewSaga {
+                summary: summary_of(&saga, &digest),
+                first_event: first.clone(),
+            })
+            .await?;
+        match created {
+            Created::New => {
+                tracing::info!(saga.id = %saga_id, saga.name = %plan.name, saga.version = plan.version, "saga started");
+                self.publish(&saga_id, [(first, SagaStatus::Running)]);
+                self.spawn_driver(plan.clone(), saga, digest);
+                Ok((saga_id, true, plan.version))
+            }
+            Created::Existing(existing) => {
+                if existing.request_digest != digest {
+                    return Err(Error::IdempotencyConflict {
+                        key,
+                        saga_id: existing.saga_id,
+                    });
+                }
+                Ok((existing.saga_id, false, existing.version))
+            }
+        }
+    }
+
+    fn publish(&self, saga_id: &str, events: impl IntoIterator<Item = (Event, SagaStatus)>) {
+        let saga_id: Arc<str> = Arc::from(saga_id);
+        for (event, status) in events {
+            // No watcher is not an error.
+            let _ = self.inner.events.send(Published {
+                saga_id: saga_id.clone(),
+                event,
+                status,
+            });
+        }
+    }
+
+    fn spawn_driver(&self, plan: Arc<Plan>, saga: Saga, digest: String) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner
+            .drivers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(saga.id.clone(), tx);
+        let driver = Driver {
+            runtime: self.clone(),
+            plan,
+            saga,
+            digest,
+            pending: Vec::new(),
+        };
+        self.inner.tasks.spawn(driver.run(rx));
+    }
+
+    /// Resumes every saga that is not terminal; returns how many.
+    pub async fn recover(&self) -> Result<usize> {
+        let mut resumed = 0;
+        for summary in self.inner.store.unfinished()? {
+            let plan = match self
+                .inner
+                .registry
+                .get(&summary.definition, Some(summary.version))
+            {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!(saga.id = %summary.saga_id, cause = %e, "cannot resume saga: its definition is not loaded");
+                    continue;
+                }
+            };
+            let Some(events) = self.inner.store.events(&summary.saga_id)? else {
+                continue;
+            };
+            let saga = match Saga::from_events(&plan, &events) {
+                Ok(saga) => saga,
+                Err(e) => {
+                    tracing::error!(saga.id = %summary.saga_id, cause = %e, "cannot resume saga: its log does not replay");
+                    continue;
+                }
+            };
+            tracing::info!(saga.id = %saga.id, status = saga.status().as_str(), "resuming saga");
+            self.spawn_driver(plan, saga, summary.request_digest);
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+
+    /// The saga's state and the plan it runs, rebuilt from its durable log.
+    pub fn get(&self, saga_id: &str) -> Result<(Arc<Plan>, Saga)> {
+        let summary = self
+            .inner
+            .store
+            .summary(saga_id)?
+            .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
+        let plan = self
+            .inner
+            .registry
+            .get(&summary.definition, Some(summary.version))?;
+        let events = self
+            .inner
+            .store
+            .events(saga_id)?
+            .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
+        let saga = Saga::from_events(&plan, &events)
+            .map_err(|e| Error::Internal(format!("saga {saga_id}: {e}")))?;
+        Ok((plan, saga))
+    }
+
+    pub fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Summary>> {
+        Ok(self.inner.store.list(filter, after, limit)?)
+    }
+
+    /// Asks a saga to stop and compensate. Returns its status once the request is durable.
+    pub async fn cancel(&self, saga_id: &str, reason: &str) -> Result<SagaStatus> {
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request"
+        } else {
+            reason.trim()
+        };
+        let driver = self
+            .inner
+            .drivers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(saga_id)
+            .cloned();
+        if let Some(driver) = driver {
+            let (reply, answer) = oneshot::channel();
+            if driver
+                .send(Command::Cancel {
+                    reason: reason.to_owned(),
+                    reply,
+                })
+                .is_ok()
+                && let Ok(result) = answer.await
+            {
+                return result;
+            }
+        }
+        // No driver (or it finished meanwhile): the durable state decides.
+        let (plan, saga) = self.get(saga_id)?;
+        match saga.cancel(&plan, reason, now_ms()) {
+            Err(refused) => Err(Error::CancelRefused {
+                saga_id: saga_id.to_owned(),
+                reason: refused.to_string(),
+            }),
+            Ok(None) => Ok(saga.status()),
+            Ok(Some(_)) => Err(Error::Internal(format!(
+                "saga {saga_id} is not terminal but has no driver"
+            ))),
+        }
+    }
+
+    /// Live events of every saga; see [`Published`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
+        self.inner.events.subscribe()
+    }
+
+    /// Resolves when the runtime starts shutting down.
+    pub fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.inner.shutdown.cancelled()
+    }
+
+    /// Number of sagas with a running driver.
+    pub fn active(&self) -> usize {
+        self.inner
+            .drivers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Stops every driver at its next safe point (what is durable stays; in-flight calls are
+    /// abandoned and made again on recovery) and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+struct Driver {
+    runtime: Runtime,
+    plan: Arc<Plan>,
+    saga: Saga,
+    digest: String,
+    /// Recorded and applied, not yet durable.
+    pending: Vec<(Event, SagaStatus)>,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let result = self.drive(&mut rx).await;
+        let id = self.saga.id.clone();
+        self.runtime
+            .inner
+            .drivers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        // Refuse what is still queued; the callers re-read the durable state.
+        rx.close();
+        match result {
+            Ok(()) => {
+                tracing::info!(saga.id = %id, status = self.saga.status().as_str(), "saga finished")
+            }
+            Err(Stop::Shutdown) => {
+                tracing::debug!(saga.id = %id, "saga driver stopped for shutdown")
+            }
+            Err(e) => {
+                tracing::error!(saga.id = %id, cause = %e, "saga driver stopped; the saga resumes from its durable state on restart")
+            }
+        }
+    }
+
+    fn record(&mut self, event: Event) -> Result<(), Stop> {
+        self.saga.apply(&self.plan, &event)?;
+        log_event(&self.saga.id, &event);
+        self.pending.push((event, self.saga.status()));
+        Ok(())
+    }
+
+    /// Makes every pending event durable, then publishes it.
+    async fn persist(&mut self) -> Result<(), Stop> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let events = pending.iter().map(|(e, _)| e.clone()).collect();
+        self.runtime
+            .inner
+            .store
+            .append(events, summary_of(&self.saga, &self.digest))
+            .await?;
+        self.runtime.publish(&self.saga.id, pending);
+        Ok(())
+    }
+
+    async fn handle(&mut self, command: Command) -> Result<(), Stop> {
+        match command {
+            Command::Cancel { reason, reply } => {
+                let answer = match self.saga.cancel(&self.plan, &reason, now_ms()) {
+                    Ok(Some(event)) => {
+                        self.record(event)?;
+                        self.persist().await?;
+                        Ok(self.saga.status())
+                    }
+                    Ok(None) => Ok(self.saga.status()),
+                    Err(
+                        refused @ (CancelRefused::Terminal(_)
+                        | CancelRefused::PastPivot(_)
+                        | CancelRefused::Compensating(_)),
+                    ) => Err(Error::CancelRefused {
+                        saga_id: self.saga.id.clone(),
+                        reason: refused.to_string(),
+                    }),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(())
+    }
+
+    async fn drive(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Stop> {
+        let shutdown = self.runtime.inner.shutdown.clone();
+        loop {
+            if shutdown.is_cancelled() {
+                self.persist().await?;
+                return Err(Stop::Shutdown);
+            }
+            match self.saga.next(&self.plan, now_ms()) {
+                Next::Record(event) => self.record(event)?,
+                Next::Done => return self.persist().await,
+                Next::Sleep { until_ms, .. } => {
+                    self.persist().await?;
+                    let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        Some(command) = rx.recv() => self.handle(command).await?,
+                        () = shutdown.cancelled() => return Err(Stop::Shutdown),
+                    }
+                }
+                Next::Call(call) => {
+                    // The intent (and everything before it) is durable before the call.
+                    self.persist().await?;
+                    let plan = self.plan.clone();
+                    let step = &plan.steps[call.step_index];
+                    let spec = match call.phase {
+                        Phase::Action => &step.action,
+                        Phase::Compensation => step.compensation.as_ref().unwrap_or(&step.action),
+                    };
+                    let endpoint = self
+                        .runtime
+                        .inner
+                        .registry
+                        .endpoint(&plan, &call.participant);
+                    let runtime = self.runtime.clone();
+                    let timeout = Duration::from_millis(call.timeout_ms);
+                    let invoke = runtime.inner.invoker.call(
+                        &endpoint,
+                        spec,
+                        &call.request,
+                        &call.idempotency_key,
+                        timeout,
+                    );
+                    tokio::pin!(invoke);
+                    let result = loop {
+                        tokio::select! {
+                            result = &mut invoke => break result,
+                            Some(command) = rx.recv() => self.handle(command).await?,
+                            () = shutdown.cancelled() => return Err(Stop::Shutdown),
+                        }
+                    };
+                    let event =
+                        self.saga
+                            .on_result(&plan, &call, result, now_ms(), fastrand::f64())?;
+                    self.record(event)?;
+                }
+            }
+        }
+    }
+}
+
+fn log_event(saga_id: &str, event: &Event) {
+    match &event.kind {
+        EventKind::StepFailed {
+            step,
+            phase,
+            attempt,
+            error,
+            retry_at_ms,
+        } => tracing::warn!(
+            saga.id = %saga_id, saga.step = %step, saga.phase = phase.as_str(), saga.attempt = attempt,
+            code = %error.code, cause = %error.message, retry = retry_at_ms.is_some(), "step attempt failed"
+        ),
+        EventKind::StepStarted {
+            step,
+            phase,
+            attempt,
+        } => tracing::debug!(
+            saga.id = %saga_id, saga.step = %step, saga.phase = phase.as_str(), saga.attempt = attempt, "step started"
+        ),
+        EventKind::StepSucceeded {
+            step,
+            phase,
+            attempt,
+            ..
+        } => tracing::debug!(
+            saga.id = %saga_id, saga.step = %step, saga.phase = phase.as_str(), saga.attempt = attempt, "step succeeded"
+        ),
+        EventKind::CompensationStarted { reason } => {
+            tracing::warn!(saga.id = %saga_id, reason = %reason, "compensation started");
+        }
+        EventKind::SagaFailed { reason } => {
+            tracing::error!(saga.id = %saga_id, reason = %reason, "saga FAILED: needs an operator");
+        }
+        _ => {}
+    }
+}

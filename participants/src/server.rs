@@ -1,0 +1,164 @@
+//! Running a participant: the gRPC server with health and reflection, and its shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use proto::payment::v1::payment_server::PaymentServer;
+use proto::rider::v1::rider_server::RiderServer;
+use proto::store::v1::store_server::StoreServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::info;
+
+use crate::core::Core;
+use crate::payment::PaymentService;
+use crate::rider::RiderService;
+use crate::store::StoreService;
+use crate::{Faults, Kind, ParticipantError};
+
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
+/// A participant running in the background, started by [`spawn`].
+pub struct ParticipantHandle {
+    pub kind: Kind,
+    /// The address the server listens on.
+    pub addr: SocketAddr,
+    /// The participant's fault injection and call counts.
+    pub faults: Arc<Faults>,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ParticipantError>>,
+}
+
+impl std::fmt::Debug for ParticipantHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantHandle")
+            .field("kind", &self.kind)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParticipantHandle {
+    /// Stops the server gracefully and waits until it and its sled database are fully closed
+    /// (the data dir can be reopened immediately after this returns).
+    pub async fn shutdown(self) -> Result<(), ParticipantError> {
+        // The server may already have stopped (with an error the task returns below).
+        let _ = self.shutdown.send(());
+        self.task.await?
+    }
+}
+
+/// Serves `kind` on an already-bound listener with data in `data_dir` (created if missing),
+/// with gRPC health (status SERVING for its service name and "") and server reflection (v1)
+/// registered. Returns once the server is running.
+pub async fn spawn(
+    kind: Kind,
+    listener: TcpListener,
+    data_dir: &Path,
+) -> Result<ParticipantHandle, ParticipantError> {
+    let addr = listener.local_addr()?;
+    let faults = Arc::new(Faults::default());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let signal = async move {
+        // A dropped handle leaves the server running (until the runtime stops).
+        if shutdown_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let run = start(kind, listener, data_dir, Arc::clone(&faults), signal).await?;
+    let task = tokio::spawn(run);
+    Ok(ParticipantHandle {
+        kind,
+        addr,
+        faults,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+/// Serves `kind` until `shutdown` resolves, then drains the calls in flight and closes the
+/// database.
+pub async fn serve(
+    kind: Kind,
+    listener: TcpListener,
+    data_dir: &Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ParticipantError> {
+    let faults = Arc::new(Faults::default());
+    start(kind, listener, data_dir, faults, shutdown)
+        .await?
+        .await
+}
+
+/// Opens the database and builds the server; the returned future serves until `shutdown`,
+/// then resolves once the database is closed.
+async fn start(
+    kind: Kind,
+    listener: TcpListener,
+    data_dir: &Path,
+    faults: Arc<Faults>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = Result<(), ParticipantError>> + Send + 'static, ParticipantError> {
+    let addr = listener.local_addr()?;
+    let (core, closed) = Core::open(kind, data_dir, faults)?;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(kind.service_name(), ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(kind.service_name())
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE)
+        .build_v1()?;
+
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(reflection);
+    let router = match kind {
+        Kind::Payment => {
+            router.add_service(PaymentServer::new(PaymentService::new(Arc::clone(&core))))
+        }
+        Kind::Store => router.add_service(StoreServer::new(StoreService::new(Arc::clone(&core)))),
+        Kind::Rider => router.add_service(RiderServer::new(RiderService::new(Arc::clone(&core)))),
+    };
+    let data_dir = data_dir.to_path_buf();
+    info!(participant = %kind, %addr, data = %data_dir.display(), "serving");
+
+    Ok(async move {
+        let signal = async move {
+            shutdown.await;
+            info!(participant = %kind, "shutting down");
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            reporter
+                .set_service_status(kind.service_name(), ServingStatus::NotServing)
+                .await;
+        };
+        let served = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .await;
+        // Every call has drained: make the last writes durable, then wait for the last
+        // reference to the core (a call task may still hold one) to close the database.
+        let flushed = core.flush().await;
+        drop(core);
+        // Resolves (with "closed") once the core and its database are dropped.
+        let _ = closed.await;
+        info!(participant = %kind, data = %data_dir.display(), "closed");
+        served?;
+        flushed
+    })
+}
