@@ -265,7 +265,9 @@ async fn catch_up(
     let events = match runtime.store().events(saga_id) {
         Ok(Some(events)) => events,
         Ok(None) => {
-            let _ = tx.send(Err(Error::UnknownSaga(saga_id.to_owned()).into())).await;
+            let _ = tx
+                .send(Err(Error::UnknownSaga(saga_id.to_owned()).into()))
+                .await;
             return false;
         }
         Err(e) => {
