@@ -193,8 +193,25 @@ impl Invoker {
             })?;
             grpc.unary(request, path, codec).await
         };
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(reply)) => reply_json(reply.get_ref()),
+            // A server enforcing the `grpc-timeout` we sent answers CANCELLED at the
+            // deadline; that is a timeout, and retryable like one.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled
+                    && started.elapsed() >= timeout.mul_f64(0.9) =>
+            {
+                Err(CallError {
+                    code: "DEADLINE_EXCEEDED".to_owned(),
+                    message: format!(
+                        "no reply from {} within {} ms (the participant cancelled at the deadline)",
+                        plan.method,
+                        timeout.as_millis()
+                    ),
+                    retryable: true,
+                })
+            }
             Ok(Err(status)) => Err(status_error(&status)),
             Err(_) => Err(CallError {
                 code: "DEADLINE_EXCEEDED".to_owned(),
