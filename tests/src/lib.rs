@@ -226,15 +226,7 @@ pub fn effects_of(ledger: &[LedgerEntry], saga_id: &str) -> Vec<(String, bool)> 
 
 /// The status name of a saga message.
 pub fn status(saga: &pb::Saga) -> &'static str {
-    match pb::SagaStatus::try_from(saga.status).unwrap_or(pb::SagaStatus::Unspecified) {
-        pb::SagaStatus::Unspecified => "UNSPECIFIED",
-        pb::SagaStatus::Running => "RUNNING",
-        pb::SagaStatus::Waiting => "WAITING",
-        pb::SagaStatus::Compensating => "COMPENSATING",
-        pb::SagaStatus::Completed => "COMPLETED",
-        pb::SagaStatus::Compensated => "COMPENSATED",
-        pb::SagaStatus::Failed => "FAILED",
-    }
+    orchestrator::cli::sagactl::status_name(saga.status)
 }
 
 /// Fails unless every idempotency key appears at most once in the ledger.

@@ -110,7 +110,8 @@ pub struct Outcome {
     pub exit_code: u8,
 }
 
-fn status_name(status: i32) -> &'static str {
+/// The status name of a `SagaStatus` number, e.g. `COMPENSATED`.
+pub fn status_name(status: i32) -> &'static str {
     match pb::SagaStatus::try_from(status).unwrap_or(pb::SagaStatus::Unspecified) {
         pb::SagaStatus::Unspecified => "UNSPECIFIED",
         pb::SagaStatus::Running => "RUNNING",
