@@ -70,6 +70,10 @@ impl SagaOrchestrator for Api {
             .runtime
             .start_saga(definition, request.version, input, &request.idempotency_key)
             .await?;
+        // Crash point: the saga is durable, the client has no answer yet.
+        fail::fail_point!("api::after_start_before_reply", |_| saga_store::crash(
+            "api::after_start_before_reply"
+        ));
         Ok(Response::new(pb::StartSagaResponse {
             saga_id,
             created,

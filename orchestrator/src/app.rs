@@ -78,7 +78,6 @@ impl Orchestrator {
         ));
         let mut problems = registry
             .load_stored()
-            .await
             .map_err(|e| StartError::Definitions(vec![e.to_string()]))?;
         if let Some(dir) = &config.sagas {
             if dir.is_dir() {

@@ -54,7 +54,10 @@ impl From<Error> for Status {
             Error::Store(StoreError::Fault(_) | StoreError::Closed) | Error::ShuttingDown => {
                 Code::Unavailable
             }
-            Error::Store(StoreError::Corrupt { .. }) | Error::Internal(_) => Code::Internal,
+            Error::Store(
+                StoreError::Corrupt { .. } | StoreError::InUse(_) | StoreError::NewerFormat { .. },
+            )
+            | Error::Internal(_) => Code::Internal,
         };
         match code {
             Code::Internal => {

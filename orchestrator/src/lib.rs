@@ -8,10 +8,12 @@
 //! - [`registry`]: loaded definitions by name and version.
 //! - [`api`]: the `saga.v1.SagaOrchestrator` service; [`error`] maps errors to statuses.
 //! - [`app`]: assembles store, registry, runtime and server; used by the binaries and tests.
+//! - [`check`]: replays every stored saga and reports where the store disagrees.
 //! - [`cli`]: the `orchestrator` and `sagactl` command lines.
 
 pub mod api;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod convert;
 pub mod descriptors;

@@ -109,11 +109,48 @@ impl Registry {
         fetched
     }
 
-    /// Parses and validates a definition without storing it.
-    pub async fn compile(&self, source: &str, yaml: &str, base: Option<&Path>) -> Result<Plan> {
+    /// Parses and validates a definition without storing it; also returns the descriptors
+    /// it was compiled against, encoded, by participant.
+    pub async fn compile(
+        &self,
+        source: &str,
+        yaml: &str,
+        base: Option<&Path>,
+    ) -> Result<(Plan, BTreeMap<String, Vec<u8>>)> {
         let raw = parse(source, yaml)?;
         let fetched = self.descriptors(&raw, base).await;
-        Ok(compile(source, yaml, &raw, &fetched)?)
+        let plan = compile(source, yaml, &raw, &fetched)?;
+        let encoded = fetched
+            .0
+            .iter()
+            .filter_map(|(name, pool)| {
+                pool.as_ref()
+                    .ok()
+                    .map(|pool| (name.clone(), pool.encode_to_vec()))
+            })
+            .collect();
+        Ok((plan, encoded))
+    }
+
+    /// Compiles a stored definition with the descriptors stored with it: no participant is
+    /// contacted, and the plan is exactly the one its sagas were pinned to.
+    pub fn compile_stored(stored: &StoredDefinition) -> Result<Plan> {
+        let source = format!("{} v{} (stored)", stored.name, stored.version);
+        let raw = parse(&source, &stored.yaml)?;
+        let fetched = Fetched(
+            raw.participants
+                .keys()
+                .map(|name| {
+                    let pool = match stored.descriptors.get(name) {
+                        Some(bytes) => DescriptorPool::decode(bytes.as_slice())
+                            .map_err(|e| format!("stored descriptors do not decode: {e}")),
+                        None => Err("no descriptors were stored with this version".to_owned()),
+                    };
+                    (name.clone(), pool)
+                })
+                .collect(),
+        );
+        Ok(compile(&source, &stored.yaml, &raw, &fetched)?)
     }
 
     fn insert(&self, plan: Arc<Plan>) {
@@ -132,13 +169,15 @@ impl Registry {
         yaml: &str,
         base: Option<&Path>,
     ) -> Result<(Arc<Plan>, bool)> {
-        let plan = Arc::new(self.compile(source, yaml, base).await?);
+        let (plan, descriptors) = self.compile(source, yaml, base).await?;
+        let plan = Arc::new(plan);
         let outcome = self
             .store
             .put_definition(StoredDefinition {
                 name: plan.name.clone(),
                 version: plan.version,
                 yaml: yaml.to_owned(),
+                descriptors,
             })
             .await?;
         match outcome {
@@ -147,6 +186,8 @@ impl Registry {
                 Ok((plan, true))
             }
             PutDefinition::Unchanged => {
+                // Keep the plan compiled from the stored descriptors (loaded at start).
+                let plan = self.get(&plan.name, Some(plan.version)).unwrap_or(plan);
                 self.insert(plan.clone());
                 Ok((plan, false))
             }
@@ -157,13 +198,12 @@ impl Registry {
         }
     }
 
-    /// Loads every stored definition version. Returns the ones that could not be compiled
-    /// (their sagas wait until a restart can compile them).
-    pub async fn load_stored(&self) -> Result<Vec<String>> {
+    /// Loads every stored definition version from the store alone. Returns the ones that
+    /// could not be compiled (their sagas cannot run until that is fixed).
+    pub fn load_stored(&self) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for stored in self.store.definitions()? {
-            let source = format!("{} v{} (stored)", stored.name, stored.version);
-            match self.compile(&source, &stored.yaml, None).await {
+            match Registry::compile_stored(&stored) {
                 Ok(plan) => self.insert(Arc::new(plan)),
                 Err(e) => problems.push(e.to_string()),
             }

@@ -272,6 +272,8 @@ impl Runtime {
 
     /// The saga's state and the plan it runs, rebuilt from its durable log.
     pub fn get(&self, saga_id: &str) -> Result<(Arc<Plan>, Saga)> {
+        // After a storage fault the store may hold writes that never became durable.
+        self.inner.store.health()?;
         let summary = self
             .inner
             .store
@@ -297,6 +299,7 @@ impl Runtime {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Summary>> {
+        self.inner.store.health()?;
         Ok(self.inner.store.list(filter, after, limit)?)
     }
 
@@ -486,6 +489,17 @@ impl Driver {
                         .endpoint(&plan, &call.participant);
                     let runtime = self.runtime.clone();
                     let timeout = Duration::from_millis(call.timeout_ms);
+                    // Crash point: the intent is durable, the participant not yet called.
+                    fail::fail_point!("runtime::after_intent_before_call", |_| saga_store::crash(
+                        "runtime::after_intent_before_call"
+                    ));
+                    if call.phase == Phase::Compensation {
+                        // Crash point in a compensation chain: hit at every compensation call,
+                        // so `1*off->return` crashes after the first one's result is durable.
+                        fail::fail_point!("runtime::before_compensation_call", |_| {
+                            saga_store::crash("runtime::before_compensation_call")
+                        });
+                    }
                     let invoke = runtime.inner.invoker.call(
                         &endpoint,
                         spec,
@@ -501,6 +515,10 @@ impl Driver {
                             () = shutdown.cancelled() => return Err(Stop::Shutdown),
                         }
                     };
+                    // Crash point: the participant answered; its result is not stored.
+                    fail::fail_point!("runtime::after_call_before_result", |_| saga_store::crash(
+                        "runtime::after_call_before_result"
+                    ));
                     let event =
                         self.saga
                             .on_result(&plan, &call, result, now_ms(), fastrand::f64())?;

@@ -4,6 +4,10 @@
 //!
 //! Waiting is done by watching (the WatchSaga stream ends at a terminal status) under a
 //! deadline, never by sleeping.
+//!
+//! [`process`] runs the orchestrator as a separate process (with failpoints compiled in) for
+//! the crash and kill tests; [`invariants`] checks the durability rules against the
+//! participants' ledgers.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +24,9 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 pub use orchestrator::Orchestrator;
+
+pub mod invariants;
+pub mod process;
 
 /// How long a scenario waits for a saga before failing.
 pub const DEADLINE: Duration = Duration::from_secs(60);

@@ -16,6 +16,19 @@
 mod pending;
 pub mod sled_store;
 
+/// Ends the process at once, as a crash (or `kill -9`) at this instant would: no destructor
+/// runs and nothing more is flushed. Called only by failpoints, which exist only when the
+/// `failpoints` feature is on and the `FAILPOINTS` variable names them.
+pub fn crash(point: &str) -> ! {
+    eprintln!("failpoint {point}: crashing now");
+    std::process::exit(CRASH_EXIT_CODE)
+}
+
+/// The exit status of a process ended by [`crash`].
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+use std::collections::BTreeMap;
+
 use saga_engine::{Event, SagaStatus};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +47,20 @@ pub enum StoreError {
     Corrupt { key: String, cause: String },
     #[error("the store's writer has stopped")]
     Closed,
+    /// The data directory is locked by another process.
+    #[error(
+        "data directory {0} is in use by another process (is another orchestrator running on it?)"
+    )]
+    InUse(String),
+    /// The data directory was written by a newer, unknown format.
+    #[error(
+        "data directory {dir} has storage format version {found}; this orchestrator reads up to version {supported}: refusing to misread it"
+    )]
+    NewerFormat {
+        dir: String,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// What the store keeps about a saga besides its events: enough to list and recover it.
@@ -79,12 +106,16 @@ pub enum PutDefinition {
     },
 }
 
-/// A stored definition version.
+/// A stored definition version, with the protobuf descriptors it was compiled against, so
+/// that it can be compiled again (at recovery, or by `orchestrator check`) without reaching
+/// its participants, and exactly as it was when sagas were pinned to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDefinition {
     pub name: String,
     pub version: u32,
     pub yaml: String,
+    /// Participant name → encoded `FileDescriptorSet`.
+    pub descriptors: BTreeMap<String, Vec<u8>>,
 }
 
 /// Filters for [`SagaStore::list`].
@@ -122,6 +153,8 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Every saga not in a terminal status, for recovery.
     fn unfinished(&self) -> Result<Vec<Summary>>;
     fn definitions(&self) -> Result<Vec<StoredDefinition>>;
+    /// Every saga summary, oldest first (for checks and tools).
+    fn summaries(&self) -> Result<Vec<Summary>>;
 
     /// `Err` with the cause once a storage fault has stopped writes.
     fn health(&self) -> Result<()>;

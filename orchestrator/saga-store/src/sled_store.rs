@@ -7,11 +7,15 @@
 //! - `by_status`: `status(u8) saga_id` → empty: the index behind status filters and recovery.
 //! - `by_definition`: `definition 0x00 saga_id` → empty.
 //! - `definitions`: `name 0x00 version(u32 BE)` → YAML text.
+//! - `definition_descriptors`: `name 0x00 version(u32 BE) participant` → encoded
+//!   `FileDescriptorSet` the version was compiled against.
+//! - `meta`: `format_version` → u32 BE ([`FORMAT_VERSION`]).
 //!
 //! Every write goes to one writer thread. It takes every write queued at that moment
 //! (up to [`MAX_BATCH`]), applies each in its own sled transaction, flushes once, and only
 //! then answers them all. Saga ids are UUIDv7 strings, so key order is creation order.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,11 @@ use crate::{
 /// The most writes made durable by one flush.
 pub const MAX_BATCH: usize = 4096;
 
+/// The storage format this code writes and reads. A directory with a higher version is
+/// refused rather than misread.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"format_version";
+
 #[derive(Clone)]
 struct Trees {
     events: Tree,
@@ -37,6 +46,7 @@ struct Trees {
     by_status: Tree,
     by_definition: Tree,
     definitions: Tree,
+    definition_descriptors: Tree,
 }
 
 enum Op {
@@ -209,8 +219,39 @@ impl SledStore {
             // Flushes are explicit (group commit); no background flush thread.
             .flush_every_ms(None)
             .open()
-            .map_err(|e| fault(format!("cannot open {}: {e}", dir.display())))?;
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::InUse(dir.display().to_string())
+                }
+                e => fault(format!("cannot open {}: {e}", dir.display())),
+            })?;
         let open = |name: &str| db.open_tree(name).map_err(fault);
+        let meta = open("meta")?;
+        match meta.get(FORMAT_KEY).map_err(fault)? {
+            Some(bytes) => {
+                let found = <[u8; 4]>::try_from(bytes.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: "meta/format_version".into(),
+                        cause: "not a 4-byte version".into(),
+                    })?;
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat {
+                        dir: dir.display().to_string(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(fault)?;
+                db.flush().map_err(fault)?;
+            }
+        }
         let trees = Trees {
             events: open("events")?,
             sagas: open("sagas")?,
@@ -218,6 +259,7 @@ impl SledStore {
             by_status: open("by_status")?,
             by_definition: open("by_definition")?,
             definitions: open("definitions")?,
+            definition_descriptors: open("definition_descriptors")?,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
@@ -295,7 +337,17 @@ impl Writer {
         let mut replies = Vec::with_capacity(batch.len());
         let mut failed: Option<StoreError> = self.shared.fault().map(StoreError::Fault);
         let mut events = 0u64;
-        for op in batch {
+        // Whether this batch wrote anything; a batch that only found existing records (an
+        // idempotent create, an unchanged definition) needs no flush: everything it read was
+        // flushed by an earlier batch before anyone was answered.
+        let mut wrote = false;
+        for (index, op) in batch.into_iter().enumerate() {
+            if index > 0 {
+                // Crash point: between two writes of one batch, nothing flushed yet.
+                fail::fail_point!("store::between_writes", |_| crate::crash(
+                    "store::between_writes"
+                ));
+            }
             if let Some(f) = &failed {
                 // After a fault nothing more is written; answer with the fault.
                 let f = Some(f);
@@ -311,12 +363,14 @@ impl Writer {
             let is_fault = match op {
                 Op::Create(new, tx) => {
                     let (r, is_fault) = tx_result(self.create(&new));
+                    wrote |= matches!(r, Ok(Created::New)) || is_fault;
                     replies.push(Reply::Create(tx, r.clone()));
                     if is_fault { r.err() } else { None }
                 }
                 Op::Append(new_events, summary, tx) => {
                     let count = new_events.len() as u64;
                     let (r, is_fault) = tx_result(self.append(&new_events, &summary));
+                    wrote |= r.is_ok() || is_fault;
                     if r.is_ok() {
                         events += count;
                     }
@@ -325,6 +379,7 @@ impl Writer {
                 }
                 Op::PutDefinition(definition, tx) => {
                     let (r, is_fault) = tx_result(self.put_definition(&definition));
+                    wrote |= matches!(r, Ok(PutDefinition::Created)) || is_fault;
                     replies.push(Reply::PutDefinition(tx, r.clone()));
                     if is_fault { r.err() } else { None }
                 }
@@ -333,7 +388,11 @@ impl Writer {
                 failed = Some(e);
             }
         }
-        if failed.is_none() {
+        if failed.is_none() && wrote {
+            // Crash point: the batch is written to sled but not flushed; nobody was answered.
+            fail::fail_point!("store::before_flush", |_| crate::crash(
+                "store::before_flush"
+            ));
             let injected = self
                 .faults
                 .fail_next_flush
@@ -468,16 +527,23 @@ impl Writer {
         d: &StoredDefinition,
     ) -> std::result::Result<PutDefinition, TransactionError<StoreError>> {
         let key = definition_key(&d.name, d.version);
-        self.trees.definitions.transaction(|tree| {
-            if let Some(existing) = tree.get(&key)? {
+        let t = &self.trees;
+        (&t.definitions, &t.definition_descriptors).transaction(|(definitions, descriptors)| {
+            if let Some(existing) = definitions.get(&key)? {
                 let existing = String::from_utf8_lossy(&existing).into_owned();
+                // The descriptors first stored stay: the version is pinned as it was.
                 return Ok(if existing == d.yaml {
                     PutDefinition::Unchanged
                 } else {
                     PutDefinition::Conflict { existing }
                 });
             }
-            tree.insert(key.as_slice(), d.yaml.as_bytes())?;
+            definitions.insert(key.as_slice(), d.yaml.as_bytes())?;
+            for (participant, bytes) in &d.descriptors {
+                let mut descriptor_key = key.clone();
+                descriptor_key.extend_from_slice(participant.as_bytes());
+                descriptors.insert(descriptor_key, bytes.as_slice())?;
+            }
             Ok(PutDefinition::Created)
         })
     }
@@ -603,11 +669,28 @@ impl SagaStore for SledStore {
                         key: String::from_utf8_lossy(&key).into_owned(),
                         cause: "definition key with a malformed version".into(),
                     })?;
+            let mut descriptors = BTreeMap::new();
+            for item in self.inner.trees.definition_descriptors.scan_prefix(&key) {
+                let (descriptor_key, bytes) = item.map_err(fault)?;
+                let participant =
+                    String::from_utf8_lossy(&descriptor_key[key.len()..]).into_owned();
+                descriptors.insert(participant, bytes.to_vec());
+            }
             out.push(StoredDefinition {
                 name: String::from_utf8_lossy(&key[..split]).into_owned(),
                 version: u32::from_be_bytes(version_bytes),
                 yaml: String::from_utf8_lossy(&value).into_owned(),
+                descriptors,
             });
+        }
+        Ok(out)
+    }
+
+    fn summaries(&self) -> Result<Vec<Summary>> {
+        let mut out = Vec::new();
+        for item in self.inner.trees.sagas.iter() {
+            let (key, value) = item.map_err(fault)?;
+            out.push(from_json(&key, &value)?);
         }
         Ok(out)
     }

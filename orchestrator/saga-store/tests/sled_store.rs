@@ -176,26 +176,32 @@ async fn list_pages_newest_first_with_filters() -> anyhow::Result<()> {
 async fn definitions_are_immutable_per_version() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
-    let def = |yaml: &str| StoredDefinition {
+    let def = |yaml: &str, descriptor: &[u8]| StoredDefinition {
         name: "alpha".into(),
         version: 1,
         yaml: yaml.into(),
+        descriptors: [
+            ("payment".to_owned(), descriptor.to_vec()),
+            ("rider".to_owned(), vec![9]),
+        ]
+        .into(),
     };
     assert_eq!(
-        store.put_definition(def("a: 1")).await?,
+        store.put_definition(def("a: 1", &[1, 2])).await?,
         PutDefinition::Created
     );
+    // The same text again keeps the descriptors the version was first compiled against.
     assert_eq!(
-        store.put_definition(def("a: 1")).await?,
+        store.put_definition(def("a: 1", &[7, 7])).await?,
         PutDefinition::Unchanged
     );
     assert_eq!(
-        store.put_definition(def("a: 2")).await?,
+        store.put_definition(def("a: 2", &[1, 2])).await?,
         PutDefinition::Conflict {
             existing: "a: 1".into()
         }
     );
-    assert_eq!(store.definitions()?, [def("a: 1")]);
+    assert_eq!(store.definitions()?, [def("a: 1", &[1, 2])]);
     Ok(())
 }
 
@@ -257,5 +263,41 @@ async fn a_failed_flush_stops_every_later_write() -> anyhow::Result<()> {
         })
         .await;
     assert!(matches!(again, Err(StoreError::Fault(_))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_opener_is_refused_with_a_clear_message() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _first = SledStore::open(dir.path())?;
+    let second = SledStore::open(dir.path()).unwrap_err();
+    assert!(matches!(second, StoreError::InUse(_)), "{second:?}");
+    assert!(
+        second.to_string().contains("is in use by another process"),
+        "{second}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_newer_format_is_refused_not_misread() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    drop(SledStore::open(dir.path())?);
+    {
+        let db = sled::open(dir.path())?;
+        db.open_tree("meta")?
+            .insert("format_version", &99u32.to_be_bytes())?;
+        db.flush()?;
+    }
+    let err = SledStore::open(dir.path()).unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::NewerFormat {
+            dir: dir.path().display().to_string(),
+            found: 99,
+            supported: saga_store::sled_store::FORMAT_VERSION
+        }
+    );
+    assert!(err.to_string().contains("refusing to misread it"), "{err}");
     Ok(())
 }

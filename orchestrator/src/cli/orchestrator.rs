@@ -30,6 +30,16 @@ pub enum Command {
     /// Run the orchestrator and the payment, store and rider participants in one process,
     /// on loopback, with embedded storage: everything needed to try it out.
     Dev(DevArgs),
+    /// Replay every saga of a (stopped) orchestrator's data directory and report each one
+    /// whose stored state disagrees with its event log; exits 1 if any does.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Data directory (sled) of the orchestrator; for `dev`, that is DATA/orchestrator.
+    #[arg(long, env = "SAGA_DATA", default_value = "./data")]
+    pub data: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +133,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev(args).await,
+        Command::Check(args) => {
+            let report = crate::check::check_dir(&args.data)
+                .with_context(|| format!("cannot check {}", args.data.display()))?;
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            println!(
+                "checked {} sagas and {} definitions in {}: {} problem(s)",
+                report.sagas,
+                report.definitions,
+                args.data.display(),
+                report.problems.len()
+            );
+            if report.is_clean() {
+                Ok(())
+            } else {
+                bail!("the store disagrees with the event logs")
+            }
+        }
     }
 }
 
