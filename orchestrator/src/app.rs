@@ -11,8 +11,8 @@ use saga_store::{SagaStore, SledStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use proto::saga::v1::saga_orchestrator_server::SagaOrchestratorServer;
 
@@ -31,6 +31,9 @@ pub struct Config {
     pub participants: BTreeMap<String, String>,
     /// How long to keep trying to reach a participant's reflection service at start.
     pub descriptor_wait: Duration,
+    /// How long a shutdown waits for open gRPC calls (streams included) to finish before
+    /// dropping them.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,8 @@ pub struct Orchestrator {
     store: SledStore,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    health: tonic_health::server::HealthReporter,
+    shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -100,6 +105,7 @@ impl Orchestrator {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<SagaOrchestratorServer<Api>>().await;
+        let reporter = health.clone();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -134,9 +140,14 @@ impl Orchestrator {
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    // serve_with_incoming ignores the builder's nodelay: set it on the stream, or
+                    // Nagle and delayed ACKs hold small replies back by ~40 ms.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
         tracing::info!(%addr, "orchestrator serving gRPC");
         Ok(Orchestrator {
@@ -145,6 +156,8 @@ impl Orchestrator {
             store,
             stop: Some(stop),
             server: Some(server),
+            health: reporter,
+            shutdown_grace: config.shutdown_grace,
         })
     }
 
@@ -163,16 +176,28 @@ impl Orchestrator {
 
     /// Stops serving, stops the drivers at a safe point and closes the store; the data
     /// directory can be reopened when this returns.
+    ///
+    /// Open calls get `shutdown_grace` to finish; streams that outlive it (a client watching
+    /// health, say) are dropped. A client still connected after that keeps its connection's
+    /// handle on the store, so reopening the same directory in this process needs clients to
+    /// have disconnected; a process exit needs nothing.
     pub async fn shutdown(mut self) {
+        self.health
+            .set_not_serving::<SagaOrchestratorServer<Api>>()
+            .await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         self.runtime.shutdown().await;
-        if let Some(server) = self.server.take() {
-            match server.await {
-                Ok(Err(e)) => tracing::warn!(cause = %e, "gRPC server ended with an error"),
-                Err(e) => tracing::warn!(cause = %e, "gRPC server task failed"),
-                Ok(Ok(())) => {}
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "gRPC server ended with an error"),
+                Ok(Err(e)) => tracing::warn!(cause = %e, "gRPC server task failed"),
+                Ok(Ok(Ok(()))) => {}
+                Err(_) => {
+                    tracing::warn!(grace = ?self.shutdown_grace, "open gRPC calls outlived the shutdown grace; dropping them");
+                    server.abort();
+                }
             }
         }
     }

@@ -354,8 +354,16 @@ impl Core {
     }
 
     /// Makes everything written so far durable.
+    ///
+    /// Not `sled::Db::flush_async`: it runs the flush on sled's small shared thread pool,
+    /// where it holds sled's process-wide concurrency-control read lock while it waits for
+    /// the log buffer write, a job queued on that same pool. With a batch or transaction
+    /// waiting for the write lock, the other pooled flushes block on the read lock, no pool
+    /// thread is left for the buffer write, and everything stops (seen with 64 sagas in
+    /// flight). A blocking flush on tokio's blocking pool leaves sled's pool free.
     pub(crate) async fn flush(&self) -> Result<(), ParticipantError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await??;
         Ok(())
     }
 
@@ -374,7 +382,7 @@ impl Core {
 
     /// Serves a mutating call: faults, the idempotency key, then `op` applied at most once
     /// per key. The first result of the key is replayed on every repeat. Returns once the
-    /// result is durable.
+    /// result is durable (with an injected lost reply, UNAVAILABLE instead of that result).
     pub(crate) async fn mutate<T, R, F>(
         self: &Arc<Self>,
         method: &'static str,
@@ -395,6 +403,8 @@ impl Core {
             }
         };
         let message = request.into_inner();
+        // Decided on arrival, so "the next n calls" are the next n that get this far.
+        let lose_reply = self.faults.take_lost_reply(method);
         // A task of its own: a caller that gives up cannot interrupt the apply and flush,
         // and the core (with its database) stays referenced until they are done.
         let core = Arc::clone(self);
@@ -402,6 +412,13 @@ impl Core {
         let stored = task
             .await
             .map_err(|e| Status::internal(format!("call task failed: {e}")))??;
+        if lose_reply {
+            // The result is recorded and durable; only this reply goes missing.
+            warn!(participant = %self.kind, method, "injected lost reply");
+            return Err(Status::unavailable(
+                "reply lost after the effect was applied (injected)",
+            ));
+        }
         if stored.code != Code::Ok as i32 {
             return Err(Status::new(Code::from_i32(stored.code), stored.message));
         }
@@ -433,7 +450,7 @@ impl Core {
             }
         };
         // Also for a replay: the first call may still be flushing the result it recorded.
-        if let Err(e) = self.db.flush_async().await {
+        if let Err(e) = self.flush().await {
             error!(participant = %self.kind, method, idempotency_key = %key, error = %e, "flush failed");
             return Err(storage_status(e));
         }

@@ -27,6 +27,8 @@ struct State {
     /// Queued failures per method name (or `"*"`): each element fails that many calls.
     failures: HashMap<String, VecDeque<(Code, u32)>>,
     delays: HashMap<String, Duration>,
+    /// Pending lost replies per method name (or `"*"`).
+    lost_replies: HashMap<String, u32>,
     calls: HashMap<String, u64>,
 }
 
@@ -60,11 +62,31 @@ impl Faults {
         }
     }
 
-    /// Removes every pending failure and delay (the call counts are kept).
+    /// The next `count` calls to `method` ("*" = any mutating method) are applied normally
+    /// (effect, ledger entry, stored first result, flushed) but the caller gets UNAVAILABLE
+    /// "reply lost after the effect was applied (injected)" instead of the reply: an unknown
+    /// outcome, as when a connection resets after the request was sent.
+    ///
+    /// A repeat of the same idempotency key later gets the stored first result (the real
+    /// reply). Calls stopped before they apply (an injected failure, a missing key) do not
+    /// use up a lost reply; a replayed call does. Calling it again adds to the pending
+    /// count. Lost replies of the method itself are used before those of `"*"`.
+    /// `ListLedger` is not mutating and never loses its reply.
+    pub fn lose_replies(&self, method: &str, count: u32) {
+        if count == 0 {
+            return;
+        }
+        let mut state = self.lock();
+        let pending = state.lost_replies.entry(method.to_owned()).or_default();
+        *pending = pending.saturating_add(count);
+    }
+
+    /// Removes every pending failure, delay and lost reply (the call counts are kept).
     pub fn clear(&self) {
         let mut state = self.lock();
         state.failures.clear();
         state.delays.clear();
+        state.lost_replies.clear();
     }
 
     /// How many calls each method received (including failed/injected ones), by short
@@ -104,6 +126,24 @@ impl Faults {
             return None;
         }
         take_from(&mut state.failures, ANY_METHOD)
+    }
+
+    /// Consumes one pending lost reply for the mutating `method`; `true` if its reply is lost.
+    pub(crate) fn take_lost_reply(&self, method: &str) -> bool {
+        if method == LIST_LEDGER {
+            return false;
+        }
+        let mut state = self.lock();
+        [method, ANY_METHOD].into_iter().any(|name| {
+            let Some(pending) = state.lost_replies.get_mut(name) else {
+                return false;
+            };
+            *pending -= 1;
+            if *pending == 0 {
+                state.lost_replies.remove(name);
+            }
+            true
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -163,5 +203,22 @@ mod tests {
         assert_eq!(faults.calls("B"), 2);
         assert_eq!(faults.calls("*"), 5);
         assert_eq!(faults.calls("C"), 0);
+    }
+
+    #[test]
+    fn lost_replies_are_counted_per_method_then_star_and_cleared() {
+        let faults = Faults::default();
+        faults.lose_replies("A", 1);
+        faults.lose_replies("*", 2);
+        faults.lose_replies("B", 0);
+        assert!(!faults.take_lost_reply("ListLedger"));
+        assert!(faults.take_lost_reply("A"));
+        assert!(faults.take_lost_reply("A"));
+        assert!(faults.take_lost_reply("B"));
+        assert!(!faults.take_lost_reply("A"));
+        assert!(!faults.take_lost_reply("B"));
+        faults.lose_replies("A", 3);
+        faults.clear();
+        assert!(!faults.take_lost_reply("A"));
     }
 }

@@ -11,8 +11,8 @@ use proto::store::v1::store_server::StoreServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::info;
 
@@ -149,7 +149,12 @@ async fn start(
                 .await;
         };
         let served = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(
+                // serve_with_incoming ignores the builder's nodelay: set it on the stream, or
+                // Nagle and delayed ACKs hold small replies back by ~40 ms.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            )
             .await;
         // Every call has drained: make the last writes durable, then wait for the last
         // reference to the core (a call task may still hold one) to close the database.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{channel, keyed, payment, payment_ledger, start, store, store_ledger};
 use participants::Kind;
-use proto::payment::v1::AuthorizeChargeRequest;
+use proto::payment::v1::{AuthorizeChargeRequest, VoidChargeRequest};
 use proto::store::v1::SubmitOrderRequest;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -88,6 +88,86 @@ async fn injected_faults_apply_nothing() {
     let ledger = payment_ledger(&mut client).await;
     assert_eq!(ledger.len(), 3);
     assert!(ledger.iter().all(|e| !e.noop));
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_reply_applies_the_effect_once_and_a_retry_gets_the_first_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(Kind::Payment, dir.path()).await;
+    let mut client = payment(&handle).await;
+
+    handle.faults.lose_replies("AuthorizeCharge", 1);
+    let status = client
+        .authorize_charge(keyed(authorize("o-1"), "o-1/auth/action"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        status.message(),
+        "reply lost after the effect was applied (injected)"
+    );
+    // The effect was applied (and flushed) although the caller never heard of it.
+    let ledger = payment_ledger(&mut client).await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].idempotency_key, "o-1/auth/action");
+    assert_eq!(ledger[0].operation, "authorize");
+    assert!(!ledger[0].noop);
+
+    // The retry with the same key gets the original reply and applies nothing more.
+    let auth = client
+        .authorize_charge(keyed(authorize("o-1"), "o-1/auth/action"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(auth.authorization_id, "auth-1");
+    assert_eq!(auth.amount_cents, 1000);
+    assert_eq!(payment_ledger(&mut client).await, ledger);
+    assert_eq!(handle.faults.calls("AuthorizeCharge"), 2);
+
+    // A compensation after a lost-reply action undoes its effect. The compensation's own
+    // reply is lost too (through "*"); its retry replays the real result.
+    handle.faults.lose_replies("AuthorizeCharge", 1);
+    let status = client
+        .authorize_charge(keyed(authorize("o-2"), "o-2/auth/action"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    handle.faults.lose_replies("*", 1);
+    let void = || {
+        keyed(
+            VoidChargeRequest {
+                order_id: "o-2".into(),
+                authorization_id: String::new(),
+            },
+            "o-2/auth/compensation",
+        )
+    };
+    let status = client.void_charge(void()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let voided = client.void_charge(void()).await.unwrap().into_inner();
+    assert!(voided.voided);
+    assert!(!voided.noop);
+    let ledger = payment_ledger(&mut client).await;
+    let o2: Vec<_> = ledger
+        .iter()
+        .filter(|e| e.order_id == "o-2")
+        .map(|e| (e.operation.as_str(), e.noop, e.reference.as_str()))
+        .collect();
+    assert_eq!(
+        o2,
+        [("authorize", false, "auth-2"), ("void", false, "auth-2")]
+    );
+    assert_eq!(handle.faults.calls("AuthorizeCharge"), 3);
+    assert_eq!(handle.faults.calls("VoidCharge"), 2);
+
+    // clear() drops pending lost replies.
+    handle.faults.lose_replies("*", 5);
+    handle.faults.clear();
+    client
+        .authorize_charge(keyed(authorize("o-3"), "o-3/auth/action"))
+        .await
+        .unwrap();
     handle.shutdown().await.unwrap();
 }
 

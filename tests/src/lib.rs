@@ -190,6 +190,7 @@ async fn start_orchestrator(
             .map(|(name, p)| (name.clone(), format!("http://{}", p.addr)))
             .collect(),
         descriptor_wait: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
     };
     let orchestrator = Orchestrator::start(config, listener).await?;
     let client = SagaOrchestratorClient::connect(format!("http://{}", orchestrator.addr())).await?;

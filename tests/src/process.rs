@@ -73,7 +73,12 @@ impl OrchestratorProcess {
     ) -> anyhow::Result<Self> {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = data.with_file_name(format!("orchestrator-{n}.log"));
+        // SAGA_TEST_LOG_DIR keeps the child logs after the test's temp dir is gone.
+        let log_dir = std::env::var_os("SAGA_TEST_LOG_DIR").map(PathBuf::from);
+        let log = match &log_dir {
+            Some(dir) => dir.join(format!("orchestrator-{}-{n}.log", std::process::id())),
+            None => data.with_file_name(format!("orchestrator-{n}.log")),
+        };
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(binary);
         command
@@ -90,7 +95,10 @@ impl OrchestratorProcess {
                 .arg(format!("{name}=http://{}", handle.addr));
         }
         command
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SAGA_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("SAGA_LISTEN")
             .env_remove("SAGA_DATA")
             .stdin(Stdio::null())

@@ -56,6 +56,9 @@ pub struct Common {
     /// How long to keep trying a participant's reflection service at start, e.g. 30s.
     #[arg(long, env = "SAGA_DESCRIPTOR_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub descriptor_wait: Duration,
+    /// On SIGINT/SIGTERM, how long open calls get to finish before they are dropped.
+    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +114,7 @@ fn config(common: &Common, data: &Path, participants: BTreeMap<String, String>) 
         sagas: Some(common.sagas.clone()),
         participants,
         descriptor_wait: common.descriptor_wait,
+        shutdown_grace: common.shutdown_grace,
     }
 }
 
