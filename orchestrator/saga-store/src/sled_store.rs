@@ -264,7 +264,10 @@ impl SledStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
         let faults = Arc::new(FaultInjection::default());
+        let data_file = std::fs::File::open(dir.join("db"))
+            .map_err(|e| fault(format!("cannot open {}/db to sync it: {e}", dir.display())))?;
         let writer = Writer {
+            data_file,
             db: db.clone(),
             trees: trees.clone(),
             shared: shared.clone(),
@@ -313,12 +316,27 @@ impl SledStore {
 
 struct Writer {
     db: sled::Db,
+    /// sled's data file, for the fdatasync after each flush (see [`Writer::sync`]).
+    data_file: std::fs::File,
     trees: Trees,
     shared: Arc<Shared>,
     faults: Arc<FaultInjection>,
 }
 
 impl Writer {
+    /// Makes everything written so far durable: sled's flush, then an fdatasync of its data
+    /// file. On Linux sled 0.34 ends a flush with `sync_file_range`, which survives a crash
+    /// of the process but neither flushes the drive's volatile cache nor the file's metadata;
+    /// the fdatasync makes an acknowledged write survive a power loss too.
+    fn sync(&self) -> Result<()> {
+        self.db
+            .flush()
+            .map_err(|e| fault(format!("flush failed: {e}")))?;
+        self.data_file
+            .sync_data()
+            .map_err(|e| fault(format!("flush failed: fdatasync: {e}")))
+    }
+
     fn run(self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut batch = Vec::new();
         while let Some(op) = rx.blocking_recv() {
@@ -401,11 +419,7 @@ impl Writer {
                 .and_then(|mut f| f.take());
             let flushed = match injected {
                 Some(message) => Err(fault(format!("flush failed: {message}"))),
-                None => self
-                    .db
-                    .flush()
-                    .map(drop)
-                    .map_err(|e| fault(format!("flush failed: {e}"))),
+                None => self.sync(),
             };
             self.shared.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = flushed {
