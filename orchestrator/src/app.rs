@@ -57,6 +57,8 @@ pub struct Orchestrator {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     health: tonic_health::server::HealthReporter,
     shutdown_grace: Duration,
+    /// The health monitor; it holds a store handle, so shutdown waits for it.
+    monitor: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -115,7 +117,7 @@ impl Orchestrator {
         let monitor_store = shared.clone();
         let monitor_runtime = runtime.clone();
         // Health follows the store: a storage fault makes the service NOT_SERVING.
-        tokio::spawn(async move {
+        let monitor = tokio::spawn(async move {
             let mut faulted = false;
             loop {
                 tokio::select! {
@@ -158,6 +160,7 @@ impl Orchestrator {
             server: Some(server),
             health: reporter,
             shutdown_grace: config.shutdown_grace,
+            monitor: Some(monitor),
         })
     }
 
@@ -189,6 +192,9 @@ impl Orchestrator {
             let _ = stop.send(());
         }
         self.runtime.shutdown().await;
+        if let Some(monitor) = self.monitor.take() {
+            let _ = monitor.await;
+        }
         if let Some(mut server) = self.server.take() {
             match tokio::time::timeout(self.shutdown_grace, &mut server).await {
                 Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "gRPC server ended with an error"),

@@ -48,7 +48,10 @@ pub fn check(store: &dyn SagaStore) -> Result<Report, StoreError> {
             )),
         }
     }
-    let unfinished: BTreeSet<String> = store.unfinished()?.into_iter().map(|s| s.saga_id).collect();
+    let mut indexed: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    for (status, saga_id) in store.status_index()? {
+        indexed.entry(saga_id).or_default().insert(status.as_str());
+    }
     for summary in store.summaries()? {
         report.sagas += 1;
         let id = summary.saga_id.clone();
@@ -79,13 +82,18 @@ pub fn check(store: &dyn SagaStore) -> Result<Report, StoreError> {
                 .into_iter()
                 .map(|p| format!("saga {id}: {p}")),
         );
-        let indexed_unfinished = unfinished.contains(&id);
-        if indexed_unfinished == summary.status.is_terminal() {
+        let in_index = indexed.remove(&id).unwrap_or_default();
+        let replayed = saga.status().as_str();
+        if in_index.len() != 1 || !in_index.contains(replayed) {
             report.problems.push(format!(
-                "saga {id}: the status index disagrees with status {}",
-                summary.status.as_str()
+                "saga {id}: the status index disagrees: it lists {in_index:?}, replay says {replayed}"
             ));
         }
+    }
+    for (id, statuses) in indexed {
+        report.problems.push(format!(
+            "saga {id}: listed in the status index as {statuses:?} but has no summary"
+        ));
     }
     Ok(report)
 }

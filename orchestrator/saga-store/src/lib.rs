@@ -155,6 +155,8 @@ pub trait SagaStore: Send + Sync + 'static {
     fn definitions(&self) -> Result<Vec<StoredDefinition>>;
     /// Every saga summary, oldest first (for checks and tools).
     fn summaries(&self) -> Result<Vec<Summary>>;
+    /// Every entry of the status index, as (status, saga id), for checks.
+    fn status_index(&self) -> Result<Vec<(SagaStatus, String)>>;
 
     /// `Err` with the cause once a storage fault has stopped writes.
     fn health(&self) -> Result<()>;

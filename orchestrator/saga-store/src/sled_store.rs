@@ -700,6 +700,22 @@ impl SagaStore for SledStore {
         Ok(out)
     }
 
+    fn status_index(&self) -> Result<Vec<(SagaStatus, String)>> {
+        let mut out = Vec::new();
+        for item in self.inner.trees.by_status.iter() {
+            let (key, _) = item.map_err(fault)?;
+            let status = SagaStatus::ALL
+                .into_iter()
+                .find(|s| key.first() == Some(&status_byte(*s)))
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    cause: "unknown status byte in the status index".into(),
+                })?;
+            out.push((status, String::from_utf8_lossy(&key[1..]).into_owned()));
+        }
+        Ok(out)
+    }
+
     fn summaries(&self) -> Result<Vec<Summary>> {
         let mut out = Vec::new();
         for item in self.inner.trees.sagas.iter() {
