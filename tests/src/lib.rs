@@ -53,6 +53,17 @@ pub fn order_input(order_id: &str, changes: Value) -> Value {
     input
 }
 
+/// The `i`-th input of a mixed load: success, failure at the store (a sold-out item) and
+/// failure at the rider (a zone without riders), in turn.
+pub fn mixed_input(i: usize) -> Value {
+    let changes = match i % 3 {
+        0 => json!({}),
+        1 => json!({"items": ["tteokbokki"]}),
+        _ => json!({"zone": "nowhere"}),
+    };
+    order_input(&format!("o-{i}"), changes)
+}
+
 /// Participants and an orchestrator on loopback, with their data in one temp dir.
 pub struct Cluster {
     pub dir: TempDir,
@@ -135,24 +146,9 @@ impl Cluster {
 
     /// Waits (by watching, under [`DEADLINE`]) until the saga is terminal; returns it.
     pub async fn wait_terminal(&mut self, saga_id: &str) -> anyhow::Result<pb::Saga> {
-        let mut client = self.client.clone();
-        let id = saga_id.to_owned();
-        tokio::time::timeout(DEADLINE, async move {
-            let mut stream = client
-                .watch_saga(pb::WatchSagaRequest {
-                    saga_id: id.clone(),
-                })
-                .await?
-                .into_inner();
-            while stream.message().await?.is_some() {}
-            let saga = client
-                .get_saga(pb::GetSagaRequest { saga_id: id })
-                .await?
-                .into_inner();
-            Ok::<_, anyhow::Error>(saga)
-        })
-        .await
-        .with_context(|| format!("saga {saga_id} not terminal within {DEADLINE:?}"))?
+        let mut sagas =
+            process::wait_all_terminal(&self.client, &[saga_id.to_owned()], DEADLINE).await?;
+        sagas.pop().context("no saga returned")
     }
 
     /// A participant's whole ledger.

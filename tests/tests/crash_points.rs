@@ -7,23 +7,12 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tests::invariants;
-use tests::order_input;
+use tests::mixed_input;
 use tests::process::{OrchestratorProcess, Participants, start_saga, wait_all_terminal};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crashable-orchestrator");
 const SAGAS: usize = 12;
-
-/// Success, failure at the store, failure at the rider, in turn.
-fn input(i: usize) -> serde_json::Value {
-    let changes = match i % 3 {
-        0 => json!({}),
-        1 => json!({"items": ["tteokbokki"]}),
-        _ => json!({"zone": "nowhere"}),
-    };
-    order_input(&format!("o-{i}"), changes)
-}
 
 /// What a scenario observed, for point-specific assertions.
 struct Outcome {
@@ -54,7 +43,7 @@ async fn crash_at(point: &str, config: &str) -> anyhow::Result<Outcome> {
     for i in 0..SAGAS {
         let mut client = orchestrator.client.clone();
         calls.push(tokio::spawn(async move {
-            start_saga(&mut client, &input(i), &format!("key-{i}")).await
+            start_saga(&mut client, &mixed_input(i), &format!("key-{i}")).await
         }));
     }
     let mut acked = vec![None; SAGAS];
@@ -77,7 +66,12 @@ async fn crash_at(point: &str, config: &str) -> anyhow::Result<Outcome> {
     let mut ids = Vec::new();
     let mut found_after = 0;
     for (i, before) in acked.iter().enumerate() {
-        let again = start_saga(&mut orchestrator.client, &input(i), &format!("key-{i}")).await?;
+        let again = start_saga(
+            &mut orchestrator.client,
+            &mixed_input(i),
+            &format!("key-{i}"),
+        )
+        .await?;
         if let Some(before) = before {
             assert_eq!(
                 &again.saga_id, before,

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::json;
 use tests::invariants;
-use tests::order_input;
+use tests::mixed_input;
 use tests::process::{OrchestratorProcess, Participants, start_saga, wait_all_terminal};
 use tokio::sync::watch;
 
@@ -22,15 +21,6 @@ const KILLS: usize = 6;
 
 /// A StartSaga answer: the saga id, and whether the call had to be retried after a kill.
 type Answer = (String, bool);
-
-fn input(i: usize) -> serde_json::Value {
-    let changes = match i % 3 {
-        0 => json!({}),
-        1 => json!({"items": ["tteokbokki"]}),
-        _ => json!({"zone": "nowhere"}),
-    };
-    order_input(&format!("o-{i}"), changes)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() -> anyhow::Result<()> {
@@ -70,7 +60,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() -> anyhow:
                 let mut tried = false;
                 loop {
                     let mut client = rx.borrow_and_update().clone();
-                    match start_saga(&mut client, &input(i), &format!("key-{i}")).await {
+                    match start_saga(&mut client, &mixed_input(i), &format!("key-{i}")).await {
                         Ok(answer) => {
                             answers.lock().expect("lock")[i] = Some((answer.saga_id, tried));
                             break;
@@ -114,7 +104,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_doubles_nothing() -> anyhow:
     // The same keys again: the same sagas, none created.
     let mut client = orchestrator.client.clone();
     for (i, id) in ids.iter().enumerate() {
-        let again = start_saga(&mut client, &input(i), &format!("key-{i}")).await?;
+        let again = start_saga(&mut client, &mixed_input(i), &format!("key-{i}")).await?;
         assert_eq!((&again.saga_id, again.created), (id, false), "key-{i}");
     }
     let figures = invariants::check(&participants, &sagas).await?;

@@ -211,23 +211,38 @@ fn tx_result<T>(r: std::result::Result<T, TransactionError<StoreError>>) -> (Res
     }
 }
 
-impl SledStore {
-    /// Opens (or creates) the store in `dir` and starts its writer thread.
-    pub fn open(dir: &Path) -> Result<SledStore> {
-        let db = sled::Config::new()
+/// How long [`SledStore::open`] keeps trying a directory whose lock is held: a store just
+/// closed in this process can hold it a moment longer through sled's own background I/O.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_db(dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
             .path(dir)
             // Flushes are explicit (group commit); no background flush thread.
             .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    StoreError::InUse(dir.display().to_string())
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(io))
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::InUse(dir.display().to_string()));
                 }
-                e => fault(format!("cannot open {}: {e}", dir.display())),
-            })?;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(fault(format!("cannot open {}: {e}", dir.display()))),
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir` and starts its writer thread.
+    pub fn open(dir: &Path) -> Result<SledStore> {
+        let db = open_db(dir)?;
         let open = |name: &str| db.open_tree(name).map_err(fault);
         let meta = open("meta")?;
         match meta.get(FORMAT_KEY).map_err(fault)? {
