@@ -1,0 +1,1 @@
+//! A circuit breaker as a generic tower Layer (under construction).
