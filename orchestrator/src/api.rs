@@ -200,6 +200,55 @@ impl SagaOrchestrator for Api {
             .collect();
         Ok(Response::new(pb::ListDefinitionsResponse { definitions }))
     }
+
+    async fn list_circuit_breakers(
+        &self,
+        _: Request<pb::ListCircuitBreakersRequest>,
+    ) -> Result<Response<pb::ListCircuitBreakersResponse>, Status> {
+        let breakers = self
+            .runtime
+            .registry()
+            .breakers()
+            .all()
+            .iter()
+            .map(|b| crate::breakers::message(&b.snapshot()))
+            .collect();
+        Ok(Response::new(pb::ListCircuitBreakersResponse { breakers }))
+    }
+
+    async fn set_circuit_breaker(
+        &self,
+        request: Request<pb::SetCircuitBreakerRequest>,
+    ) -> Result<Response<pb::CircuitBreaker>, Status> {
+        let request = request.into_inner();
+        let participant = required(&request.participant, "participant")?;
+        let mode = pb::BreakerMode::try_from(request.mode)
+            .ok()
+            .and_then(crate::breakers::mode)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "mode: {} is not normal, forced_open or disabled",
+                    request.mode
+                ))
+            })?;
+        let breaker = self
+            .runtime
+            .registry()
+            .breakers()
+            .get(participant)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "participant `{participant}` has no circuit breaker"
+                ))
+            })?;
+        breaker.set_mode(mode);
+        tracing::warn!(
+            participant,
+            ?mode,
+            "circuit breaker mode set by an operator"
+        );
+        Ok(Response::new(crate::breakers::message(&breaker.snapshot())))
+    }
 }
 
 /// Streams a saga's history, then its live events, until it is terminal.

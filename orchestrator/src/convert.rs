@@ -126,7 +126,11 @@ fn step(plan_step: &saga_engine::definition::StepPlan, s: &StepState) -> pb::Ste
         name: plan_step.name.clone(),
         participant: plan_step.participant.clone(),
         kind: step_kind(plan_step.kind) as i32,
-        status: step_status(s.status) as i32,
+        status: if s.deferral.is_some() {
+            pb::StepStatus::Deferred
+        } else {
+            step_status(s.status)
+        } as i32,
         attempts: s.attempts,
         compensation_attempts: s.compensation_attempts,
         last_error: s.last_error.as_ref().map(call_error),
@@ -226,6 +230,18 @@ pub fn event(saga_id: &str, e: &Event, status: SagaStatus) -> pb::SagaEvent {
                 Some(at) => format!("retry in {} ms", at.saturating_sub(e.at_ms)),
                 None => "no more attempts".to_owned(),
             };
+        }
+        EventKind::StepDeferred {
+            step,
+            phase,
+            attempt,
+            reason,
+            ..
+        } => {
+            out.step = step.clone();
+            out.phase = phase.as_str().to_owned();
+            out.attempt = *attempt;
+            out.detail = reason.clone();
         }
         EventKind::CancelRequested { reason }
         | EventKind::CompensationStarted { reason }

@@ -18,6 +18,8 @@ pub enum Error {
     },
     #[error("saga `{0}` not found")]
     UnknownSaga(String),
+    #[error("{0}")]
+    NotFound(String),
     /// Bad input from the caller; the message names the field.
     #[error("{0}")]
     InvalidArgument(String),
@@ -43,9 +45,10 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         let code = match &error {
-            Error::UnknownDefinition(_) | Error::UnknownVersion { .. } | Error::UnknownSaga(_) => {
-                Code::NotFound
-            }
+            Error::UnknownDefinition(_)
+            | Error::UnknownVersion { .. }
+            | Error::UnknownSaga(_)
+            | Error::NotFound(_) => Code::NotFound,
             Error::InvalidArgument(_) | Error::Definition(_) => Code::InvalidArgument,
             Error::IdempotencyConflict { .. } | Error::VersionConflict { .. } => {
                 Code::AlreadyExists

@@ -9,12 +9,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use circuit_breaker::{CircuitBreaker, GrpcClassifier};
 use http::uri::PathAndQuery;
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor, SerializeOptions};
 use saga_engine::CallError;
 use saga_engine::definition::CallPlan;
 use serde_json::Value;
+use tonic::client::GrpcService;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -55,6 +57,8 @@ fn status_error(status: &Status) -> CallError {
         code: code_name(status.code()).to_owned(),
         message: status.message().to_owned(),
         retryable: is_retryable(status.code()),
+        // The breaker refused the call: nothing was sent.
+        rejected: circuit_breaker::is_rejection(status),
     }
 }
 
@@ -63,6 +67,7 @@ fn invalid_request(message: String) -> CallError {
         code: "INVALID_REQUEST".to_owned(),
         message,
         retryable: false,
+        rejected: false,
     }
 }
 
@@ -170,6 +175,7 @@ impl Invoker {
         request: &Value,
         idempotency_key: &str,
         timeout: Duration,
+        breaker: Option<&CircuitBreaker>,
     ) -> Result<Value, CallError> {
         let message = request_message(plan, request)?;
         let channel = self.channel(endpoint)?;
@@ -187,11 +193,14 @@ impl Invoker {
             output: plan.output.clone(),
         };
         let attempt = async {
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.map_err(|e| {
-                Status::unavailable(format!("participant at {endpoint} is not reachable: {e}"))
-            })?;
-            grpc.unary(request, path, codec).await
+            match breaker {
+                Some(breaker) => {
+                    let service =
+                        tower::Layer::layer(&breaker.layer(GrpcClassifier::default()), channel);
+                    unary(service, endpoint, request, path, codec).await
+                }
+                None => unary(channel, endpoint, request, path, codec).await,
+            }
         };
         let started = tokio::time::Instant::now();
         match tokio::time::timeout(timeout, attempt).await {
@@ -203,6 +212,7 @@ impl Invoker {
                     && started.elapsed() >= timeout.mul_f64(0.9) =>
             {
                 Err(CallError {
+                    rejected: false,
                     code: "DEADLINE_EXCEEDED".to_owned(),
                     message: format!(
                         "no reply from {} within {} ms (the participant cancelled at the deadline)",
@@ -214,6 +224,7 @@ impl Invoker {
             }
             Ok(Err(status)) => Err(status_error(&status)),
             Err(_) => Err(CallError {
+                rejected: false,
                 code: "DEADLINE_EXCEEDED".to_owned(),
                 message: format!(
                     "no reply from {} within {} ms",
@@ -224,4 +235,28 @@ impl Invoker {
             }),
         }
     }
+}
+
+/// One unary call over any gRPC service (a plain channel, or one behind a breaker).
+async fn unary<S>(
+    service: S,
+    endpoint: &str,
+    request: tonic::Request<DynamicMessage>,
+    path: PathAndQuery,
+    codec: DynamicCodec,
+) -> Result<tonic::Response<DynamicMessage>, Status>
+where
+    S: GrpcService<tonic::body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut grpc = tonic::client::Grpc::new(service);
+    grpc.ready().await.map_err(|e| {
+        Status::unavailable(format!(
+            "participant at {endpoint} is not reachable: {}",
+            e.into()
+        ))
+    })?;
+    grpc.unary(request, path, codec).await
 }

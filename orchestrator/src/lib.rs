@@ -6,6 +6,7 @@
 //! - [`invoker`]: dynamic unary gRPC calls from JSON and protobuf descriptors.
 //! - [`descriptors`]: descriptors from server reflection or a descriptor set file.
 //! - [`registry`]: loaded definitions by name and version.
+//! - [`breakers`]: one circuit breaker per participant, from the definitions.
 //! - [`api`]: the `saga.v1.SagaOrchestrator` service; [`error`] maps errors to statuses.
 //! - [`app`]: assembles store, registry, runtime and server; used by the binaries and tests.
 //! - [`check`]: replays every stored saga and reports where the store disagrees.
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod app;
+pub mod breakers;
 pub mod check;
 pub mod cli;
 pub mod convert;

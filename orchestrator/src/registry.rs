@@ -13,6 +13,7 @@ use saga_engine::Plan;
 use saga_engine::definition::{compile, parse};
 use saga_store::{PutDefinition, SagaStore, StoredDefinition};
 
+use crate::breakers::Breakers;
 use crate::descriptors::{self, Fetched};
 use crate::error::{Error, Result};
 
@@ -25,6 +26,7 @@ pub struct Registry {
     /// Std locks: held only to read or insert, never across an await.
     plans: RwLock<BTreeMap<String, BTreeMap<u32, Arc<Plan>>>>,
     reflected: Mutex<HashMap<String, DescriptorPool>>,
+    breakers: Breakers,
 }
 
 impl std::fmt::Debug for Registry {
@@ -47,6 +49,7 @@ impl Registry {
             descriptor_wait,
             plans: RwLock::new(BTreeMap::new()),
             reflected: Mutex::new(HashMap::new()),
+            breakers: Breakers::default(),
         }
     }
 
@@ -153,7 +156,17 @@ impl Registry {
         Ok(compile(&source, &stored.yaml, &raw, &fetched)?)
     }
 
+    /// The participants' circuit breakers.
+    pub fn breakers(&self) -> &Breakers {
+        &self.breakers
+    }
+
     fn insert(&self, plan: Arc<Plan>) {
+        for participant in plan.participants.values() {
+            if let Some(spec) = &participant.breaker {
+                self.breakers.ensure(&participant.name, spec);
+            }
+        }
         let mut plans = self.plans.write().unwrap_or_else(|e| e.into_inner());
         plans
             .entry(plan.name.clone())

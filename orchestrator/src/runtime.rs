@@ -464,6 +464,40 @@ impl Driver {
             match self.saga.next(&self.plan, now_ms()) {
                 Next::Record(event) => self.record(event)?,
                 Next::Done => return self.persist().await,
+                Next::AwaitBreaker {
+                    step_index,
+                    participant,
+                    until_ms,
+                    ..
+                } => {
+                    self.persist().await?;
+                    let breaker = self.runtime.inner.registry.breakers().get(&participant);
+                    let deadline =
+                        until_ms.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+                    let ready = async {
+                        // Without a breaker nothing can refuse the call: go at once.
+                        if let Some(breaker) = &breaker {
+                            breaker.ready().await;
+                        }
+                    };
+                    let expired = async {
+                        match deadline {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = ready => {
+                            if let Some(event) = self.saga.resume(&self.plan, step_index, now_ms()) {
+                                self.record(event)?;
+                            }
+                        }
+                        // The engine fails the step on the next turn.
+                        () = expired => {}
+                        Some(command) = rx.recv() => self.handle(command).await?,
+                        () = shutdown.cancelled() => return Err(Stop::Shutdown),
+                    }
+                }
                 Next::Sleep { until_ms, .. } => {
                     self.persist().await?;
                     let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
@@ -500,12 +534,14 @@ impl Driver {
                             saga_store::crash("runtime::before_compensation_call")
                         });
                     }
+                    let breaker = runtime.inner.registry.breakers().get(&call.participant);
                     let invoke = runtime.inner.invoker.call(
                         &endpoint,
                         spec,
                         &call.request,
                         &call.idempotency_key,
                         timeout,
+                        breaker.as_ref(),
                     );
                     tokio::pin!(invoke);
                     let result = loop {

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::definition::{CallPlan, Plan, RetryPolicy, StepKind, StepPlan};
+use crate::definition::{CallPlan, OnOpen, Plan, RetryPolicy, StepKind, StepPlan};
 use crate::template;
 
 /// Whether a call does a step or undoes it.
@@ -42,6 +42,14 @@ pub struct CallError {
     pub message: String,
     /// Transient: another attempt may succeed.
     pub retryable: bool,
+    /// The participant's circuit breaker refused the call: nothing was sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejected: bool,
+}
+
+impl CallError {
+    /// The error code of a step whose breaker stayed open past its deferral.
+    pub const CIRCUIT_OPEN: &'static str = "CIRCUIT_OPEN";
 }
 
 impl std::fmt::Display for CallError {
@@ -91,6 +99,15 @@ pub enum EventKind {
         error: CallError,
         retry_at_ms: Option<u64>,
     },
+    /// The breaker refused attempt `attempt` (nothing was sent); the step waits for the
+    /// breaker, until `deadline_ms` if set, and then makes the same attempt again.
+    StepDeferred {
+        step: String,
+        phase: Phase,
+        attempt: u32,
+        reason: String,
+        deadline_ms: Option<u64>,
+    },
     CancelRequested {
         reason: String,
     },
@@ -112,6 +129,7 @@ impl EventKind {
             EventKind::StepStarted { .. } => "step_started",
             EventKind::StepSucceeded { .. } => "step_succeeded",
             EventKind::StepFailed { .. } => "step_failed",
+            EventKind::StepDeferred { .. } => "step_deferred",
             EventKind::CancelRequested { .. } => "cancel_requested",
             EventKind::CompensationStarted { .. } => "compensation_started",
             EventKind::SagaCompleted => "saga_completed",
@@ -194,6 +212,20 @@ pub struct StepState {
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
     pub compensated_at_ms: Option<u64>,
+    /// Set while the step waits for its participant's breaker.
+    pub deferral: Option<Deferral>,
+    /// When the current phase was first deferred; cleared by a real outcome.
+    pub deferred_since_ms: Option<u64>,
+}
+
+/// A step waiting for its participant's circuit breaker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferral {
+    pub phase: Phase,
+    pub attempt: u32,
+    pub reason: String,
+    /// After this the step fails (actions); `None` waits as long as it takes (compensations).
+    pub deadline_ms: Option<u64>,
 }
 
 impl StepState {
@@ -209,6 +241,8 @@ impl StepState {
             started_at_ms: None,
             finished_at_ms: None,
             compensated_at_ms: None,
+            deferral: None,
+            deferred_since_ms: None,
         }
     }
 }
@@ -239,6 +273,14 @@ pub enum Next {
     /// Nothing to do before this time (a retry backoff).
     Sleep {
         until_ms: u64,
+        reason: String,
+    },
+    /// Wait until the participant's breaker would let a call through (then call
+    /// [`Saga::resume`]), or until `until_ms`, whichever comes first.
+    AwaitBreaker {
+        step_index: usize,
+        participant: String,
+        until_ms: Option<u64>,
         reason: String,
     },
     /// The saga is terminal.
@@ -378,7 +420,11 @@ impl Saga {
             terminal
         } else if self.compensating {
             SagaStatus::Compensating
-        } else if self.steps.iter().any(|s| s.status == StepStatus::Retrying) {
+        } else if self
+            .steps
+            .iter()
+            .any(|s| s.status == StepStatus::Retrying || s.deferral.is_some())
+        {
             SagaStatus::Waiting
         } else {
             SagaStatus::Running
@@ -389,6 +435,21 @@ impl Saga {
     pub fn waiting_for(&self, plan: &Plan) -> Option<String> {
         if self.status() != SagaStatus::Waiting {
             return None;
+        }
+        if let Some((s, p)) = self
+            .steps
+            .iter()
+            .zip(&plan.steps)
+            .find(|(s, _)| s.deferral.is_some())
+        {
+            let deferral = s.deferral.as_ref()?;
+            return Some(match deferral.deadline_ms {
+                Some(at) => format!(
+                    "step `{}` deferred: {} (until {at} ms)",
+                    p.name, deferral.reason
+                ),
+                None => format!("step `{}` deferred: {}", p.name, deferral.reason),
+            });
         }
         self.steps
             .iter()
@@ -433,6 +494,7 @@ impl Saga {
                 let s = &mut self.steps[i];
                 s.in_flight = true;
                 s.retry_at_ms = None;
+                s.deferral = None;
                 match phase {
                     Phase::Action => {
                         s.attempts = *attempt;
@@ -455,6 +517,7 @@ impl Saga {
                 let s = &mut self.steps[i];
                 check_in_flight(s, step, *phase, *attempt)?;
                 s.in_flight = false;
+                s.deferred_since_ms = None;
                 match phase {
                     Phase::Action => {
                         s.status = StepStatus::Succeeded;
@@ -478,6 +541,8 @@ impl Saga {
                 let s = &mut self.steps[i];
                 check_in_flight(s, step, *phase, *attempt)?;
                 s.in_flight = false;
+                s.deferral = None;
+                s.deferred_since_ms = None;
                 s.last_error = Some(error.clone());
                 s.retry_at_ms = *retry_at_ms;
                 s.status = match (phase, retry_at_ms) {
@@ -489,6 +554,25 @@ impl Saga {
                     (Phase::Compensation, Some(_)) => StepStatus::Compensating,
                     (Phase::Compensation, None) => StepStatus::CompensationFailed,
                 };
+            }
+            EventKind::StepDeferred {
+                step,
+                phase,
+                attempt,
+                reason,
+                deadline_ms,
+            } => {
+                let i = self.step_index(plan, step)?;
+                let s = &mut self.steps[i];
+                check_in_flight(s, step, *phase, *attempt)?;
+                s.in_flight = false;
+                s.deferred_since_ms.get_or_insert(event.at_ms);
+                s.deferral = Some(Deferral {
+                    phase: *phase,
+                    attempt: *attempt,
+                    reason: reason.clone(),
+                    deadline_ms: *deadline_ms,
+                });
             }
             EventKind::CancelRequested { reason } => {
                 self.cancel_reason = Some(reason.clone());
@@ -586,6 +670,9 @@ impl Saga {
                         },
                     ));
                 }
+                StepStatus::Running if step.deferral.is_some() => {
+                    return self.deferred(plan, index, now_ms);
+                }
                 StepStatus::Running => {
                     return Next::Call(self.call(plan, index, Phase::Action, step.attempts));
                 }
@@ -657,6 +744,9 @@ impl Saga {
                             ),
                         },
                     ));
+                }
+                StepStatus::Compensating if step.deferral.is_some() => {
+                    return self.deferred(plan, index, now_ms);
                 }
                 StepStatus::Compensating if step.in_flight => {
                     return Next::Call(self.call(
@@ -736,6 +826,9 @@ impl Saga {
                 // transient failures are retried without a limit.
                 let unlimited =
                     call.phase == Phase::Action && plan_step.kind == StepKind::Retriable;
+                if error.rejected {
+                    return Ok(self.event(now_ms, self.rejected(plan_step, call, error, now_ms)));
+                }
                 let again = error.retryable && (unlimited || call.attempt < policy.max_attempts);
                 let retry_at_ms =
                     again.then(|| now_ms + policy.backoff(call.attempt, jitter).as_millis() as u64);
@@ -749,6 +842,98 @@ impl Saga {
             }
         };
         Ok(self.event(now_ms, kind))
+    }
+
+    /// The event for a call the breaker rejected (nothing was sent). Actions follow the
+    /// step's `on_open`; compensations always wait for the breaker, with no limit.
+    fn rejected(
+        &self,
+        plan_step: &StepPlan,
+        call: &Call,
+        error: CallError,
+        now_ms: u64,
+    ) -> EventKind {
+        let deferral = match (call.phase, plan_step.on_open) {
+            (Phase::Compensation, _) => Some(None),
+            (Phase::Action, OnOpen::Defer { max_wait }) => {
+                let since = self.steps[call.step_index]
+                    .deferred_since_ms
+                    .unwrap_or(now_ms);
+                Some(Some(since + max_wait.as_millis() as u64))
+            }
+            (Phase::Action, OnOpen::Fail) => None,
+        };
+        match deferral {
+            Some(deadline_ms) => EventKind::StepDeferred {
+                step: call.step.clone(),
+                phase: call.phase,
+                attempt: call.attempt,
+                reason: format!("{} deferred: circuit open", call.participant),
+                deadline_ms,
+            },
+            None => EventKind::StepFailed {
+                step: call.step.clone(),
+                phase: call.phase,
+                attempt: call.attempt,
+                error: CallError {
+                    code: CallError::CIRCUIT_OPEN.to_owned(),
+                    ..error
+                },
+                retry_at_ms: None,
+            },
+        }
+    }
+
+    /// What a deferred step does now: fail if its deadline passed, else wait for the breaker.
+    fn deferred(&self, plan: &Plan, index: usize, now_ms: u64) -> Next {
+        let step = &self.steps[index];
+        let plan_step = &plan.steps[index];
+        let Some(deferral) = &step.deferral else {
+            return Next::Done;
+        };
+        match deferral.deadline_ms {
+            Some(deadline) if now_ms >= deadline => {
+                let waited = now_ms.saturating_sub(step.deferred_since_ms.unwrap_or(now_ms));
+                Next::Record(self.event(
+                    now_ms,
+                    EventKind::StepFailed {
+                        step: plan_step.name.clone(),
+                        phase: deferral.phase,
+                        attempt: deferral.attempt,
+                        error: CallError {
+                            code: CallError::CIRCUIT_OPEN.to_owned(),
+                            message: format!(
+                                "deferred {waited} ms; the circuit breaker of `{}` stayed open",
+                                plan_step.participant
+                            ),
+                            retryable: false,
+                            rejected: true,
+                        },
+                        retry_at_ms: None,
+                    },
+                ))
+            }
+            until_ms => Next::AwaitBreaker {
+                step_index: index,
+                participant: plan_step.participant.clone(),
+                until_ms,
+                reason: deferral.reason.clone(),
+            },
+        }
+    }
+
+    /// The event resuming a deferred step (the breaker would now let a call through): the
+    /// same attempt, started again. `None` if the step is not deferred.
+    pub fn resume(&self, plan: &Plan, step_index: usize, now_ms: u64) -> Option<Event> {
+        let deferral = self.steps.get(step_index)?.deferral.as_ref()?;
+        Some(self.event(
+            now_ms,
+            EventKind::StepStarted {
+                step: plan.steps.get(step_index)?.name.clone(),
+                phase: deferral.phase,
+                attempt: deferral.attempt,
+            },
+        ))
     }
 
     /// The event recording a cancellation request; `Ok(None)` when the saga is already
@@ -798,7 +983,12 @@ fn check_in_flight(
         Phase::Action => state.status == StepStatus::Running,
         Phase::Compensation => state.status == StepStatus::Compensating,
     };
-    if state.in_flight && phase_matches && current == attempt {
+    // A deferred attempt may also end: its deferral expired (the step fails).
+    let deferred = state
+        .deferral
+        .as_ref()
+        .is_some_and(|d| d.phase == phase && d.attempt == attempt);
+    if (state.in_flight || deferred) && phase_matches && current == attempt {
         Ok(())
     } else {
         Err(EngineError::NotInFlight {

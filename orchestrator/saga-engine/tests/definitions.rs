@@ -84,7 +84,7 @@ fn syntax_errors_name_their_line() {
     check(
         "name: t\nversion: 1\nparticipants: {}\nsteps:\n  - name: a\n    colour: red\n",
         &[
-            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, compensation, timeout, retry, compensation_retry",
+            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, compensation, timeout, retry, compensation_retry, on_open, max_defer",
         ],
     );
 }
@@ -259,4 +259,64 @@ fn output_references_are_checked_against_the_response_type() {
             "test.yaml:26: step `submit`: `compensation request.reason`: {\"deep\":true} does not fit a field of type string",
         ],
     );
+}
+
+#[test]
+fn breaker_settings_and_fallbacks_are_checked() {
+    let yaml = "name: t
+version: 1
+participants:
+  payment:
+    endpoint: http://127.0.0.1:1
+    circuit_breaker:
+      window: { count: 5, time: 10s }
+      failure_rate: 0
+      slow_call_rate: 150
+      half_open_calls: 0
+      wait_in_open: 30s
+      max_wait_in_open: 10s
+    on_open: later
+  store:
+    endpoint: http://127.0.0.1:2
+    on_open: defer
+steps:
+  - name: pay
+    participant: payment
+    kind: pivot
+    on_open: fail
+    max_defer: 1m
+    action: { method: payment.v1.Payment/AuthorizeCharge }
+";
+    check(
+        yaml,
+        &[
+            "test.yaml:7: participant `payment`: circuit_breaker.window: give `count: N` (N > 0) or `time: DURATION`, not both",
+            "test.yaml:7: participant `payment`: circuit_breaker.failure_rate must be a percentage in (0, 100], got 0",
+            "test.yaml:7: participant `payment`: circuit_breaker.slow_call_rate must be a percentage in (0, 100], got 150",
+            "test.yaml:7: participant `payment`: circuit_breaker.max_wait_in_open is shorter than wait_in_open",
+            "test.yaml:7: participant `payment`: circuit_breaker.half_open_calls must be 1 or more",
+            "test.yaml:13: unknown on_open `later` (use defer or fail)",
+            "test.yaml:16: participant `store`: `on_open` needs a `circuit_breaker`",
+            "test.yaml:22: step `pay`: max_defer only applies with on_open: defer",
+        ],
+    );
+}
+
+#[test]
+fn order_placement_defers_payment_when_its_breaker_is_open() {
+    let yaml = include_str!("../../../sagas/order-placement.yaml");
+    let plan = build(yaml).expect("compiles");
+    let breaker = plan.participants["payment"]
+        .breaker
+        .clone()
+        .expect("payment has a breaker");
+    assert_eq!(breaker.minimum_calls, 10);
+    assert_eq!(breaker.failure_rate, 50.0);
+    assert_eq!(
+        plan.steps[0].on_open,
+        saga_engine::definition::OnOpen::Defer {
+            max_wait: std::time::Duration::from_secs(300)
+        }
+    );
+    assert_eq!(plan.steps[1].on_open, saga_engine::definition::OnOpen::Fail);
 }

@@ -31,6 +31,7 @@ fn transient() -> CallError {
         code: "UNAVAILABLE".into(),
         message: "try later".into(),
         retryable: true,
+        rejected: false,
     }
 }
 
@@ -39,6 +40,7 @@ fn rejected() -> CallError {
         code: "FAILED_PRECONDITION".into(),
         message: "no".into(),
         retryable: false,
+        rejected: false,
     }
 }
 
@@ -51,6 +53,8 @@ struct Sim {
     saga: Saga,
     now: u64,
     calls: Vec<Made>,
+    /// How long the simulated breaker stays open after a rejection.
+    breaker_wait: u64,
 }
 
 impl Sim {
@@ -64,6 +68,7 @@ impl Sim {
             saga,
             now: 1_000,
             calls: Vec::new(),
+            breaker_wait: 1_000,
         }
     }
 
@@ -92,6 +97,32 @@ impl Sim {
                         !self.saga.compensating
                     );
                     self.now = until_ms;
+                }
+                Next::AwaitBreaker {
+                    step_index,
+                    until_ms,
+                    ..
+                } => {
+                    let expected = if self.saga.compensating {
+                        SagaStatus::Compensating
+                    } else {
+                        SagaStatus::Waiting
+                    };
+                    assert_eq!(self.saga.status(), expected);
+                    // The breaker lets a probe through after `breaker_wait`, unless the
+                    // deferral's deadline comes first.
+                    let ready_at = self.now + self.breaker_wait;
+                    match until_ms {
+                        Some(deadline) if deadline <= ready_at => self.now = deadline,
+                        _ => {
+                            self.now = ready_at;
+                            let event = self
+                                .saga
+                                .resume(&self.plan, step_index, self.now)
+                                .expect("deferred");
+                            self.record(event);
+                        }
+                    }
                 }
                 Next::Call(call) => {
                     self.calls.push((
@@ -416,6 +447,7 @@ proptest! {
                 Next::Done => break sim.saga.status(),
                 Next::Record(event) => sim.record(event),
                 Next::Sleep { until_ms, .. } => sim.now = until_ms,
+                Next::AwaitBreaker { .. } => prop_assert!(false, "no breaker rejections here"),
                 Next::Call(call) => {
                     sim.calls.push((call.step.clone(), call.phase, call.attempt, call.idempotency_key.clone()));
                     // Compensations never fail for good here, so the saga never ends FAILED
@@ -463,4 +495,105 @@ proptest! {
             other => prop_assert!(false, "not terminal: {:?}", other),
         }
     }
+}
+
+fn open_breaker() -> CallError {
+    CallError {
+        code: "UNAVAILABLE".into(),
+        message: "circuit open".into(),
+        retryable: false,
+        rejected: true,
+    }
+}
+
+#[test]
+fn a_rejected_payment_defers_without_using_an_attempt_then_completes() {
+    let mut sim = Sim::new();
+    let mut rejections = 2;
+    let status = sim.run(|step, _, _| {
+        if step == "authorize_payment" && rejections > 0 {
+            rejections -= 1;
+            Err(open_breaker())
+        } else {
+            Ok(json!({}))
+        }
+    });
+    assert_eq!(status, SagaStatus::Completed);
+    let payment_calls: Vec<u32> = sim
+        .calls
+        .iter()
+        .filter(|c| c.0 == "authorize_payment")
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(
+        payment_calls,
+        [1, 1, 1],
+        "a rejected call is retried as the same attempt"
+    );
+    assert_eq!(sim.saga.steps[0].attempts, 1);
+    let deferred = sim
+        .log
+        .iter()
+        .filter(|e| e.kind.name() == "step_deferred")
+        .count();
+    assert_eq!(deferred, 2);
+}
+
+#[test]
+fn a_deferral_past_its_maximum_fails_the_step_and_compensates() {
+    let mut sim = Sim::new();
+    sim.breaker_wait = 60_000; // the breaker stays open a minute each time
+    let status = sim.run(|step, phase, _| {
+        if step == "authorize_payment" && phase == Phase::Action {
+            Err(open_breaker())
+        } else {
+            Ok(json!({}))
+        }
+    });
+    assert_eq!(status, SagaStatus::Compensated);
+    let error = sim.saga.steps[0].last_error.clone().expect("error");
+    assert_eq!(error.code, "CIRCUIT_OPEN");
+    assert!(error.message.contains("stayed open"), "{}", error.message);
+    // max_defer is 5 minutes in order-placement.
+    let started = sim.log[1].at_ms;
+    assert!(
+        sim.now - started >= 300_000,
+        "deferred {} ms",
+        sim.now - started
+    );
+    // The payment call was never made, yet it is compensated as attempted (a no-op for the
+    // participant).
+    assert_eq!(sim.compensations(), ["authorize_payment"]);
+}
+
+#[test]
+fn on_open_fail_compensates_at_once_and_compensations_always_wait() {
+    let mut sim = Sim::new();
+    sim.plan.steps[1].on_open = saga_engine::definition::OnOpen::Fail;
+    let mut comp_rejections = 3;
+    let status = sim.run(|step, phase, _| match (step, phase) {
+        ("submit_order", Phase::Action) => Err(open_breaker()),
+        ("authorize_payment", Phase::Compensation) if comp_rejections > 0 => {
+            comp_rejections -= 1;
+            Err(open_breaker())
+        }
+        _ => Ok(json!({})),
+    });
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(
+        sim.saga.steps[1]
+            .last_error
+            .as_ref()
+            .map(|e| e.code.as_str()),
+        Some("CIRCUIT_OPEN")
+    );
+    // The compensation was refused three times and waited each time; it never failed.
+    assert_eq!(sim.saga.steps[0].compensation_attempts, 1);
+    assert_eq!(
+        sim.calls
+            .iter()
+            .filter(|c| c.0 == "authorize_payment" && c.1 == Phase::Compensation)
+            .count(),
+        4
+    );
 }

@@ -87,6 +87,21 @@ pub enum Command {
     /// Manage definitions.
     #[command(subcommand)]
     Definitions(DefinitionsCommand),
+    /// List the participants' circuit breakers.
+    Breakers,
+    /// Change a participant's circuit breaker.
+    #[command(subcommand)]
+    Breaker(BreakerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// Reject every call to the participant (sagas follow their `on_open` fallback).
+    ForceOpen { participant: String },
+    /// Let every call through and record nothing.
+    Disable { participant: String },
+    /// Back to normal: closed, with an empty window.
+    Reset { participant: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +257,47 @@ fn event_line(e: &pb::SagaEvent) -> String {
         let _ = write!(line, " ({})", e.detail);
     }
     line
+}
+
+fn breaker_json(b: &pb::CircuitBreaker) -> Value {
+    json!({
+        "participant": b.participant,
+        "state": b.state,
+        "failure_rate": b.failure_rate,
+        "slow_call_rate": b.slow_call_rate,
+        "calls": b.calls,
+        "failed_calls": b.failed_calls,
+        "slow_calls": b.slow_calls,
+        "next_probe_at_ms": time(&b.next_probe_at),
+        "openings": b.openings,
+    })
+}
+
+fn breakers_table(breakers: &[pb::CircuitBreaker]) -> String {
+    let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}%"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:<12} {:>9} {:>9} {:>6} {:>7}  NEXT PROBE",
+        "PARTICIPANT", "STATE", "FAILURES", "SLOW", "CALLS", "OPENED"
+    );
+    for b in breakers {
+        let probe = match (&b.next_probe_at, time(&b.next_probe_at)) {
+            (Some(_), Value::Number(ms)) => format!("{ms} ms"),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<14} {:<12} {:>9} {:>9} {:>6} {:>7}  {probe}",
+            b.participant,
+            b.state,
+            rate(b.failure_rate),
+            rate(b.slow_call_rate),
+            b.calls,
+            b.openings
+        );
+    }
+    out
 }
 
 fn read_input(input: &str) -> anyhow::Result<prost_types::Struct> {
@@ -451,6 +507,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 format!(
                     "cancellation of saga {saga_id} recorded; status {}",
                     status_name(reply.status)
+                )
+            };
+        }
+        Command::Breakers => {
+            let list = client
+                .list_circuit_breakers(pb::ListCircuitBreakersRequest {})
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            text = if json_out {
+                Value::Array(list.breakers.iter().map(breaker_json).collect()).to_string()
+            } else {
+                breakers_table(&list.breakers)
+            };
+        }
+        Command::Breaker(command) => {
+            let (participant, mode) = match command {
+                BreakerCommand::ForceOpen { participant } => {
+                    (participant, pb::BreakerMode::ForcedOpen)
+                }
+                BreakerCommand::Disable { participant } => (participant, pb::BreakerMode::Disabled),
+                BreakerCommand::Reset { participant } => (participant, pb::BreakerMode::Normal),
+            };
+            let breaker = client
+                .set_circuit_breaker(pb::SetCircuitBreakerRequest {
+                    participant,
+                    mode: mode as i32,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            text = if json_out {
+                breaker_json(&breaker).to_string()
+            } else {
+                format!(
+                    "circuit breaker of {} is now {}",
+                    breaker.participant, breaker.state
                 )
             };
         }

@@ -7,11 +7,11 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use super::raw::{RawCall, RawDefinition, RawRetry, RawStep};
+use super::raw::{RawBreaker, RawCall, RawDefinition, RawRetry, RawStep};
 use super::schema::{FieldType, InputField, InputSchema};
 use super::{
-    CallPlan, DEFAULT_TIMEOUT, DefinitionError, DefinitionErrors, DescriptorLookup, Participant,
-    Plan, RetryPolicy, StepKind, StepPlan,
+    BreakerSpec, CallPlan, DEFAULT_TIMEOUT, DefinitionError, DefinitionErrors, DescriptorLookup,
+    OnOpen, Participant, Plan, RetryPolicy, StepKind, StepPlan, WindowSpec,
 };
 use crate::duration::parse_duration;
 use crate::template::{self, Reference};
@@ -248,16 +248,197 @@ fn compile_participants(
                 format!("participant `{name}`: {reason}"),
             ),
         }
+        let breaker = p
+            .circuit_breaker
+            .as_ref()
+            .map(|b| breaker_spec(name, b, errors));
+        if breaker.is_none() && (p.on_open.is_some() || p.max_defer.is_some()) {
+            let at = p.on_open.as_ref().or(p.max_defer.as_ref()).map_or(0, line);
+            errors.at(
+                at,
+                None,
+                format!("participant `{name}`: `on_open` needs a `circuit_breaker`"),
+            );
+        }
+        if let Some(text) = &p.on_open {
+            on_open(Some(text), p.max_defer.as_ref(), OnOpen::Fail, None, errors);
+        }
         participants.insert(
             name.clone(),
             Participant {
                 name: name.clone(),
                 endpoint: endpoint.to_owned(),
                 descriptor_set: p.descriptor_set.as_ref().map(|d| d.value.clone()),
+                breaker,
             },
         );
     }
     (participants, pools)
+}
+
+/// The longest `max_defer` when none is given.
+pub const DEFAULT_MAX_DEFER: Duration = Duration::from_secs(60);
+
+fn percent(value: Option<f64>, default: f64, what: &str, at: u32, errors: &mut Errors<'_>) -> f64 {
+    match value {
+        Some(v) if v > 0.0 && v <= 100.0 => v,
+        Some(v) => {
+            errors.at(
+                at,
+                None,
+                format!("{what} must be a percentage in (0, 100], got {v}"),
+            );
+            default
+        }
+        None => default,
+    }
+}
+
+fn breaker_spec(
+    participant: &str,
+    raw: &Spanned<RawBreaker>,
+    errors: &mut Errors<'_>,
+) -> BreakerSpec {
+    let at = line(raw);
+    let b = &raw.value;
+    let mut spec = BreakerSpec::default();
+    let what = |field: &str| format!("participant `{participant}`: circuit_breaker.{field}");
+    if let Some(window) = &b.window {
+        spec.window = match (&window.value.count, &window.value.time) {
+            (Some(n), None) if *n > 0 => WindowSpec::Count(*n),
+            (None, Some(t)) => duration(t, &what("window.time"), None, errors)
+                .map_or(spec.window, WindowSpec::Time),
+            _ => {
+                errors.at(
+                    line(window),
+                    None,
+                    format!(
+                        "{}: give `count: N` (N > 0) or `time: DURATION`, not both",
+                        what("window")
+                    ),
+                );
+                spec.window
+            }
+        };
+    }
+    if let Some(n) = b.minimum_calls {
+        if n == 0 {
+            errors.at(
+                at,
+                None,
+                format!("{} must be 1 or more", what("minimum_calls")),
+            );
+        } else {
+            spec.minimum_calls = n;
+        }
+    }
+    spec.failure_rate = percent(
+        b.failure_rate,
+        spec.failure_rate,
+        &what("failure_rate"),
+        at,
+        errors,
+    );
+    spec.slow_call_rate = percent(
+        b.slow_call_rate,
+        spec.slow_call_rate,
+        &what("slow_call_rate"),
+        at,
+        errors,
+    );
+    if let Some(d) = b
+        .slow_call_duration
+        .as_ref()
+        .and_then(|d| duration(d, &what("slow_call_duration"), None, errors))
+    {
+        spec.slow_call_duration = d;
+    }
+    if let Some(d) = b
+        .wait_in_open
+        .as_ref()
+        .and_then(|d| duration(d, &what("wait_in_open"), None, errors))
+    {
+        spec.wait_in_open = d;
+        spec.max_wait_in_open = spec.max_wait_in_open.max(d);
+    }
+    if let Some(d) = b
+        .max_wait_in_open
+        .as_ref()
+        .and_then(|d| duration(d, &what("max_wait_in_open"), None, errors))
+    {
+        if d < spec.wait_in_open {
+            errors.at(
+                at,
+                None,
+                format!("{} is shorter than wait_in_open", what("max_wait_in_open")),
+            );
+        }
+        spec.max_wait_in_open = d;
+    }
+    if let Some(m) = b.wait_multiplier {
+        if (1.0..=10.0).contains(&m) {
+            spec.wait_multiplier = m;
+        } else {
+            errors.at(
+                at,
+                None,
+                format!(
+                    "{} must be between 1 and 10, got {m}",
+                    what("wait_multiplier")
+                ),
+            );
+        }
+    }
+    if let Some(n) = b.half_open_calls {
+        if n == 0 {
+            errors.at(
+                at,
+                None,
+                format!("{} must be 1 or more", what("half_open_calls")),
+            );
+        } else {
+            spec.half_open_calls = n;
+        }
+    }
+    spec
+}
+
+/// Reads `on_open` / `max_defer`; `base` applies when `on_open` is absent.
+fn on_open(
+    text: Option<&Spanned<String>>,
+    max_defer: Option<&Spanned<String>>,
+    base: OnOpen,
+    step: Option<&str>,
+    errors: &mut Errors<'_>,
+) -> OnOpen {
+    let max_wait = max_defer.and_then(|d| duration(d, "max_defer", step, errors));
+    let chosen = match text.map(|t| (t, t.value.trim())) {
+        None => base,
+        Some((_, "fail")) => OnOpen::Fail,
+        Some((_, "defer")) => OnOpen::Defer {
+            max_wait: DEFAULT_MAX_DEFER,
+        },
+        Some((t, other)) => {
+            errors.at(
+                line(t),
+                step,
+                format!("unknown on_open `{other}` (use defer or fail)"),
+            );
+            base
+        }
+    };
+    match (chosen, max_wait) {
+        (OnOpen::Defer { .. }, Some(max_wait)) => OnOpen::Defer { max_wait },
+        (OnOpen::Fail, Some(_)) => {
+            errors.at(
+                max_defer.map_or(0, line),
+                step,
+                "max_defer only applies with on_open: defer",
+            );
+            chosen
+        }
+        _ => chosen,
+    }
 }
 
 fn duration(
@@ -447,6 +628,35 @@ fn compile_step(
         );
     }
 
+    let participant_on_open = defaults.map_or(OnOpen::Fail, |p| {
+        on_open(
+            p.on_open.as_ref(),
+            p.max_defer.as_ref(),
+            OnOpen::Fail,
+            None,
+            &mut ignore,
+        )
+    });
+    let has_breaker = defaults.is_some_and(|p| p.circuit_breaker.is_some());
+    if (s.on_open.is_some() || s.max_defer.is_some()) && !has_breaker && defaults.is_some() {
+        let at = s.on_open.as_ref().or(s.max_defer.as_ref()).map_or(0, line);
+        errors.at(
+            at,
+            Some(name),
+            format!(
+                "`on_open` needs a `circuit_breaker` on participant `{}`",
+                s.participant.value
+            ),
+        );
+    }
+    let step_on_open = on_open(
+        s.on_open.as_ref(),
+        s.max_defer.as_ref(),
+        participant_on_open,
+        Some(name),
+        errors,
+    );
+
     if errors.list.len() > start {
         return None;
     }
@@ -459,6 +669,7 @@ fn compile_step(
         timeout,
         retry,
         compensation_retry,
+        on_open: step_on_open,
     })
 }
 

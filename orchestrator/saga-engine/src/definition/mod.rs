@@ -104,13 +104,67 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Participant {
     pub name: String,
     /// The participant's URL, e.g. `http://127.0.0.1:50061`; the runtime may override it.
     pub endpoint: String,
     /// Path of a descriptor set file, if the definition names one; otherwise reflection.
     pub descriptor_set: Option<String>,
+    /// The circuit breaker on calls to this participant, if any.
+    pub breaker: Option<BreakerSpec>,
+}
+
+/// How the breaker's window is measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WindowSpec {
+    /// The last N calls.
+    Count(u32),
+    /// The calls of the last duration.
+    Time(Duration),
+}
+
+/// A circuit breaker's configuration (Resilience4j's model); the runtime builds the breaker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerSpec {
+    pub window: WindowSpec,
+    pub minimum_calls: u32,
+    /// Percent.
+    pub failure_rate: f64,
+    pub slow_call_duration: Duration,
+    /// Percent.
+    pub slow_call_rate: f64,
+    pub wait_in_open: Duration,
+    pub wait_multiplier: f64,
+    pub max_wait_in_open: Duration,
+    pub half_open_calls: u32,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        BreakerSpec {
+            window: WindowSpec::Count(20),
+            minimum_calls: 10,
+            failure_rate: 50.0,
+            slow_call_duration: Duration::from_secs(5),
+            slow_call_rate: 100.0,
+            wait_in_open: Duration::from_secs(10),
+            wait_multiplier: 1.0,
+            max_wait_in_open: Duration::from_secs(60),
+            half_open_calls: 3,
+        }
+    }
+}
+
+/// What a step's action does when the breaker rejects the call (nothing was sent).
+/// Compensations always wait for the breaker, with no limit: an undo is never dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOpen {
+    /// The step fails at once; the saga compensates.
+    Fail,
+    /// The saga waits (WAITING) until the breaker lets a probe through, without using a
+    /// retry attempt; after `max_wait` the step fails and the saga compensates.
+    Defer { max_wait: Duration },
 }
 
 /// The classic saga step kinds.
@@ -145,6 +199,8 @@ pub struct StepPlan {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub compensation_retry: RetryPolicy,
+    /// What the action does when its participant's breaker rejects it.
+    pub on_open: OnOpen,
 }
 
 /// One unary gRPC call: the method and the request mapping.

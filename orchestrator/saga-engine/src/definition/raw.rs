@@ -34,6 +34,55 @@ pub struct RawParticipant {
     pub retry: Option<Spanned<RawRetry>>,
     #[serde(default)]
     pub compensation_retry: Option<Spanned<RawRetry>>,
+    /// A circuit breaker on every call to this participant.
+    #[serde(default)]
+    pub circuit_breaker: Option<Spanned<RawBreaker>>,
+    /// What a step does when the breaker rejects its call: `fail` (default) or `defer`.
+    #[serde(default)]
+    pub on_open: Option<Spanned<String>>,
+    /// With `on_open: defer`, the longest a step waits for the breaker before it fails.
+    #[serde(default)]
+    pub max_defer: Option<Spanned<String>>,
+}
+
+/// Resilience4j's configuration model, in YAML.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    /// `{ count: 20 }` (the last 20 calls) or `{ time: 10s }` (the calls of the last 10 s).
+    #[serde(default)]
+    pub window: Option<Spanned<RawWindow>>,
+    #[serde(default)]
+    pub minimum_calls: Option<u32>,
+    /// Percent of failed calls that opens the breaker.
+    #[serde(default)]
+    pub failure_rate: Option<f64>,
+    /// Calls at least this long are slow.
+    #[serde(default)]
+    pub slow_call_duration: Option<Spanned<String>>,
+    /// Percent of slow calls that opens the breaker.
+    #[serde(default)]
+    pub slow_call_rate: Option<f64>,
+    /// How long the breaker stays open before probing.
+    #[serde(default)]
+    pub wait_in_open: Option<Spanned<String>>,
+    /// Growth of the wait with each consecutive opening (1 = fixed).
+    #[serde(default)]
+    pub wait_multiplier: Option<f64>,
+    #[serde(default)]
+    pub max_wait_in_open: Option<Spanned<String>>,
+    /// Probe calls let through when half-open.
+    #[serde(default)]
+    pub half_open_calls: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub time: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +114,11 @@ pub struct RawStep {
     pub retry: Option<Spanned<RawRetry>>,
     #[serde(default)]
     pub compensation_retry: Option<Spanned<RawRetry>>,
+    /// Overrides the participant's `on_open` for this step.
+    #[serde(default)]
+    pub on_open: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_defer: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
