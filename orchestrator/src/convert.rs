@@ -158,7 +158,17 @@ pub fn saga(plan: &Plan, saga: &Saga) -> pb::Saga {
             .steps
             .iter()
             .zip(&saga.steps)
-            .map(|(p, s)| step(p, s))
+            .enumerate()
+            .map(|(i, (p, s))| {
+                let mut message = step(p, s);
+                // A rerouted step shows where its calls actually went.
+                let (participant, action, compensation, _) = saga.route(plan, i);
+                message.participant = participant.to_owned();
+                message.method = action.method.clone();
+                message.compensation_method =
+                    compensation.map(|c| c.method.clone()).unwrap_or_default();
+                message
+            })
             .collect(),
         created_at: Some(timestamp(saga.created_at_ms)),
         updated_at: Some(timestamp(saga.updated_at_ms)),
@@ -240,6 +250,16 @@ pub fn event(saga_id: &str, e: &Event, status: SagaStatus) -> pb::SagaEvent {
         } => {
             out.step = step.clone();
             out.phase = phase.as_str().to_owned();
+            out.attempt = *attempt;
+            out.detail = reason.clone();
+        }
+        EventKind::StepRerouted {
+            step,
+            attempt,
+            reason,
+        } => {
+            out.step = step.clone();
+            out.phase = "action".to_owned();
             out.attempt = *attempt;
             out.detail = reason.clone();
         }

@@ -511,10 +511,11 @@ impl Driver {
                     // The intent (and everything before it) is durable before the call.
                     self.persist().await?;
                     let plan = self.plan.clone();
-                    let step = &plan.steps[call.step_index];
+                    // The step's route: its own participant, or its fallback once rerouted.
+                    let (_, action, compensation, _) = self.saga.route(&plan, call.step_index);
                     let spec = match call.phase {
-                        Phase::Action => &step.action,
-                        Phase::Compensation => step.compensation.as_ref().unwrap_or(&step.action),
+                        Phase::Action => action,
+                        Phase::Compensation => compensation.unwrap_or(action),
                     };
                     let endpoint = self
                         .runtime

@@ -217,3 +217,91 @@ async fn an_operator_can_force_the_breaker_open_and_reset_it() -> anyhow::Result
     );
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_reroutes_to_the_fallback_provider() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    let payment = format!("http://{}", cluster.participant(Kind::Payment).addr);
+    let rider = format!("http://{}", cluster.participant(Kind::Rider).addr);
+    // `backup` stands for a second payment provider (the same service here, under its own
+    // name and idempotency scope).
+    let yaml = format!(
+        "name: pay-backup
+version: 1
+input: {{ zone: string }}
+participants:
+  main_psp:
+    endpoint: {payment}
+    circuit_breaker: {{ minimum_calls: 5 }}
+  backup: {{ endpoint: {payment} }}
+  rider: {{ endpoint: {rider} }}
+steps:
+  - name: authorize
+    participant: main_psp
+    on_open: call
+    fallback:
+      participant: backup
+      action:
+        method: payment.v1.Payment/AuthorizeCharge
+        request: {{ order_id: \"${{saga.id}}\", amount_cents: 100, card: tok_visa }}
+      compensation:
+        method: payment.v1.Payment/VoidCharge
+        request: {{ order_id: \"${{saga.id}}\" }}
+    action:
+      method: payment.v1.Payment/AuthorizeCharge
+      request: {{ order_id: \"${{saga.id}}\", amount_cents: 100, card: tok_visa }}
+    compensation:
+      method: payment.v1.Payment/VoidCharge
+      request: {{ order_id: \"${{saga.id}}\" }}
+  - name: deliver
+    participant: rider
+    kind: pivot
+    action:
+      method: rider.v1.Rider/RequestDelivery
+      request: {{ order_id: \"${{saga.id}}\", zone: \"${{input.zone}}\" }}
+"
+    );
+    cluster
+        .client
+        .put_definition(pb::PutDefinitionRequest { yaml })
+        .await?;
+    cluster
+        .client
+        .set_circuit_breaker(pb::SetCircuitBreakerRequest {
+            participant: "main_psp".into(),
+            mode: pb::BreakerMode::ForcedOpen as i32,
+        })
+        .await?;
+
+    let done = cluster
+        .run("pay-backup", json!({"zone": "gangnam"}))
+        .await?;
+    assert_eq!(status(&done), "COMPLETED", "{done:?}");
+    assert_eq!(done.steps[0].participant, "backup");
+    let undone = cluster
+        .run("pay-backup", json!({"zone": "nowhere"}))
+        .await?;
+    assert_eq!(status(&undone), "COMPENSATED", "{undone:?}");
+
+    let ledger = cluster.ledger(Kind::Payment).await?;
+    let keys = |id: &str| -> Vec<String> {
+        ledger
+            .iter()
+            .filter(|e| e.idempotency_key.starts_with(id))
+            .map(|e| e.idempotency_key[id.len()..].to_owned())
+            .collect()
+    };
+    assert_eq!(keys(&done.saga_id), ["/authorize/fallback/action"]);
+    assert_eq!(
+        keys(&undone.saga_id),
+        [
+            "/authorize/fallback/action",
+            "/authorize/fallback/compensation"
+        ]
+    );
+    assert!(
+        ledger.iter().all(|e| !e.noop),
+        "the fallback's void undid a real authorization: {ledger:?}"
+    );
+    cluster.shutdown().await
+}

@@ -108,6 +108,13 @@ pub enum EventKind {
         reason: String,
         deadline_ms: Option<u64>,
     },
+    /// The breaker refused attempt `attempt` and the step has `on_open: call`: from now on
+    /// the step's calls (and its compensation) go to its fallback participant.
+    StepRerouted {
+        step: String,
+        attempt: u32,
+        reason: String,
+    },
     CancelRequested {
         reason: String,
     },
@@ -130,6 +137,7 @@ impl EventKind {
             EventKind::StepSucceeded { .. } => "step_succeeded",
             EventKind::StepFailed { .. } => "step_failed",
             EventKind::StepDeferred { .. } => "step_deferred",
+            EventKind::StepRerouted { .. } => "step_rerouted",
             EventKind::CancelRequested { .. } => "cancel_requested",
             EventKind::CompensationStarted { .. } => "compensation_started",
             EventKind::SagaCompleted => "saga_completed",
@@ -216,6 +224,11 @@ pub struct StepState {
     pub deferral: Option<Deferral>,
     /// When the current phase was first deferred; cleared by a real outcome.
     pub deferred_since_ms: Option<u64>,
+    /// Whether the step's calls go to its fallback (after a `step_rerouted`).
+    pub rerouted: bool,
+    /// Whether a call of this step reached the primary participant (an outcome other than a
+    /// breaker rejection was recorded): such a step is never rerouted.
+    pub primary_reached: bool,
 }
 
 /// A step waiting for its participant's circuit breaker.
@@ -243,6 +256,8 @@ impl StepState {
             compensated_at_ms: None,
             deferral: None,
             deferred_since_ms: None,
+            rerouted: false,
+            primary_reached: false,
         }
     }
 }
@@ -518,6 +533,9 @@ impl Saga {
                 check_in_flight(s, step, *phase, *attempt)?;
                 s.in_flight = false;
                 s.deferred_since_ms = None;
+                if *phase == Phase::Action && !s.rerouted {
+                    s.primary_reached = true;
+                }
                 match phase {
                     Phase::Action => {
                         s.status = StepStatus::Succeeded;
@@ -543,6 +561,9 @@ impl Saga {
                 s.in_flight = false;
                 s.deferral = None;
                 s.deferred_since_ms = None;
+                if *phase == Phase::Action && !s.rerouted && !error.rejected {
+                    s.primary_reached = true;
+                }
                 s.last_error = Some(error.clone());
                 s.retry_at_ms = *retry_at_ms;
                 s.status = match (phase, retry_at_ms) {
@@ -573,6 +594,20 @@ impl Saga {
                     reason: reason.clone(),
                     deadline_ms: *deadline_ms,
                 });
+            }
+            EventKind::StepRerouted { step, attempt, .. } => {
+                let i = self.step_index(plan, step)?;
+                let s = &mut self.steps[i];
+                check_in_flight(s, step, Phase::Action, *attempt)?;
+                if s.primary_reached || plan.steps[i].fallback.is_none() {
+                    return Err(EngineError::NotInFlight {
+                        step: step.clone(),
+                        phase: Phase::Action,
+                        attempt: *attempt,
+                    });
+                }
+                s.in_flight = false;
+                s.rerouted = true;
             }
             EventKind::CancelRequested { reason } => {
                 self.cancel_reason = Some(reason.clone());
@@ -620,22 +655,47 @@ impl Saga {
         })
     }
 
+    /// Where a step's calls go: (participant, action, compensation, idempotency key scope).
+    /// A rerouted step uses its fallback and the scope `<saga>/<step>/fallback`.
+    pub fn route<'p>(
+        &self,
+        plan: &'p Plan,
+        index: usize,
+    ) -> (&'p str, &'p CallPlan, Option<&'p CallPlan>, String) {
+        let step = &plan.steps[index];
+        match (&step.fallback, self.steps[index].rerouted) {
+            (Some(fallback), true) => (
+                fallback.participant.as_str(),
+                &fallback.action,
+                fallback.compensation.as_ref(),
+                format!("{}/{}/fallback", self.id, step.name),
+            ),
+            _ => (
+                step.participant.as_str(),
+                &step.action,
+                step.compensation.as_ref(),
+                format!("{}/{}", self.id, step.name),
+            ),
+        }
+    }
+
     fn call(&self, plan: &Plan, index: usize, phase: Phase, attempt: u32) -> Call {
         let step = &plan.steps[index];
+        let (participant, action, compensation, scope) = self.route(plan, index);
         let spec: &CallPlan = match phase {
-            Phase::Action => &step.action,
+            Phase::Action => action,
             // `next` asks for a compensation call only for steps that have one.
-            Phase::Compensation => step.compensation.as_ref().unwrap_or(&step.action),
+            Phase::Compensation => compensation.unwrap_or(action),
         };
         Call {
             step_index: index,
             step: step.name.clone(),
             phase,
             attempt,
-            participant: step.participant.clone(),
+            participant: participant.to_owned(),
             method: spec.method.clone(),
             request: template::render(&spec.request, &self.context(plan)),
-            idempotency_key: format!("{}/{}/{}", self.id, step.name, phase.as_str()),
+            idempotency_key: format!("{scope}/{}", phase.as_str()),
             timeout_ms: step.timeout.as_millis() as u64,
         }
     }
@@ -672,6 +732,17 @@ impl Saga {
                 }
                 StepStatus::Running if step.deferral.is_some() => {
                     return self.deferred(plan, index, now_ms);
+                }
+                // Rerouted to the fallback: the next attempt goes there.
+                StepStatus::Running if !step.in_flight => {
+                    return Next::Record(self.event(
+                        now_ms,
+                        EventKind::StepStarted {
+                            step: plan_step.name.clone(),
+                            phase: Phase::Action,
+                            attempt: step.attempts + 1,
+                        },
+                    ));
                 }
                 StepStatus::Running => {
                     return Next::Call(self.call(plan, index, Phase::Action, step.attempts));
@@ -725,7 +796,7 @@ impl Saga {
 
     fn next_compensation(&self, plan: &Plan, now_ms: u64) -> Next {
         for (index, (step, plan_step)) in self.steps.iter().zip(&plan.steps).enumerate().rev() {
-            if step.attempts == 0 || plan_step.compensation.is_none() {
+            if step.attempts == 0 || self.route(plan, index).2.is_none() {
                 continue;
             }
             match step.status {
@@ -862,6 +933,20 @@ impl Saga {
                 Some(Some(since + max_wait.as_millis() as u64))
             }
             (Phase::Action, OnOpen::Fail) => None,
+            (Phase::Action, OnOpen::Call) => {
+                let state = &self.steps[call.step_index];
+                if !state.rerouted && !state.primary_reached && plan_step.fallback.is_some() {
+                    return EventKind::StepRerouted {
+                        step: call.step.clone(),
+                        attempt: call.attempt,
+                        reason: format!(
+                            "{} rejected the call: circuit open; calling the fallback",
+                            call.participant
+                        ),
+                    };
+                }
+                None
+            }
         };
         match deferral {
             Some(deadline_ms) => EventKind::StepDeferred {

@@ -84,7 +84,7 @@ fn syntax_errors_name_their_line() {
     check(
         "name: t\nversion: 1\nparticipants: {}\nsteps:\n  - name: a\n    colour: red\n",
         &[
-            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, compensation, timeout, retry, compensation_retry, on_open, max_defer",
+            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, compensation, timeout, retry, compensation_retry, on_open, fallback, max_defer",
         ],
     );
 }
@@ -319,4 +319,46 @@ fn order_placement_defers_payment_when_its_breaker_is_open() {
         }
     );
     assert_eq!(plan.steps[1].on_open, saga_engine::definition::OnOpen::Fail);
+}
+
+#[test]
+fn fallbacks_are_checked() {
+    let yaml = "name: t
+version: 1
+participants:
+  payment: { endpoint: http://127.0.0.1:1, circuit_breaker: {}, on_open: call }
+  store: { endpoint: http://127.0.0.1:2 }
+steps:
+  - name: pay
+    participant: payment
+    on_open: call
+    fallback:
+      participant: store
+      action: { method: store.v1.Store/SubmitOrder }
+    action: { method: payment.v1.Payment/AuthorizeCharge }
+    compensation: { method: payment.v1.Payment/VoidCharge }
+  - name: pay2
+    participant: payment
+    on_open: call
+    action: { method: payment.v1.Payment/AuthorizeCharge }
+    compensation: { method: payment.v1.Payment/VoidCharge }
+  - name: pay3
+    participant: payment
+    on_open: defer
+    fallback:
+      participant: bank
+      action: { method: payment.v1.Payment/AuthorizeCharge }
+    action: { method: payment.v1.Payment/AuthorizeCharge }
+    compensation: { method: payment.v1.Payment/VoidCharge }
+";
+    check(
+        yaml,
+        &[
+            "test.yaml:4: on_open: call is set per step, together with the step's `fallback`",
+            "test.yaml:11: step `pay`: fallback: a compensatable step's fallback needs its own `compensation`",
+            "test.yaml:12: step `pay`: fallback: its action returns `store.v1.SubmitOrderResponse` but the step's action returns `payment.v1.AuthorizeChargeResponse`; later steps read the output, so they must match",
+            "test.yaml:17: step `pay2`: on_open: call needs a `fallback` (participant, action and compensation)",
+            "test.yaml:24: step `pay3`: `fallback` is only used with on_open: call",
+        ],
+    );
 }

@@ -597,3 +597,121 @@ fn on_open_fail_compensates_at_once_and_compensations_always_wait() {
         4
     );
 }
+
+const REROUTE: &str = "name: reroute
+version: 1
+participants:
+  payment:
+    endpoint: http://127.0.0.1:1
+    circuit_breaker: { minimum_calls: 2 }
+  backup: { endpoint: http://127.0.0.1:2 }
+  rider: { endpoint: http://127.0.0.1:3 }
+steps:
+  - name: pay
+    participant: payment
+    on_open: call
+    fallback:
+      participant: backup
+      action: { method: payment.v1.Payment/AuthorizeCharge }
+      compensation: { method: payment.v1.Payment/VoidCharge }
+    action: { method: payment.v1.Payment/AuthorizeCharge }
+    compensation: { method: payment.v1.Payment/VoidCharge }
+  - name: ride
+    participant: rider
+    kind: pivot
+    action: { method: rider.v1.Rider/RequestDelivery }
+";
+
+fn reroute_sim() -> Sim {
+    let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).expect("descriptors");
+    let pools: BTreeMap<String, DescriptorPool> = ["payment", "backup", "rider"]
+        .into_iter()
+        .map(|p| (p.to_owned(), pool.clone()))
+        .collect();
+    let raw = parse("reroute.yaml", REROUTE).expect("parses");
+    let plan = compile("reroute.yaml", REROUTE, &raw, &pools).expect("compiles");
+    let first = Saga::start_event(&plan, "saga-1", json!({}), "key-1", 1_000);
+    let saga = Saga::from_events(&plan, [&first]).expect("starts");
+    Sim {
+        plan,
+        log: vec![first],
+        saga,
+        now: 1_000,
+        calls: Vec::new(),
+        breaker_wait: 1_000,
+    }
+}
+
+#[test]
+fn a_rejected_step_is_rerouted_to_its_fallback_with_its_own_keys() {
+    let mut sim = reroute_sim();
+    let status = sim.run(|step, _, attempt| {
+        if step == "pay" && attempt == 1 {
+            Err(open_breaker())
+        } else {
+            Ok(json!({}))
+        }
+    });
+    assert_eq!(status, SagaStatus::Completed);
+    let keys: Vec<&str> = sim.calls.iter().map(|c| c.3.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "saga-1/pay/action",
+            "saga-1/pay/fallback/action",
+            "saga-1/ride/action"
+        ]
+    );
+    assert!(sim.log.iter().any(|e| e.kind.name() == "step_rerouted"));
+    assert_eq!(
+        Saga::from_events(&sim.plan, &sim.log).expect("replays"),
+        sim.saga
+    );
+}
+
+#[test]
+fn a_rerouted_step_is_compensated_through_its_fallback() {
+    let mut sim = reroute_sim();
+    let status = sim.run(|step, phase, attempt| match (step, phase) {
+        ("pay", Phase::Action) if attempt == 1 => Err(open_breaker()),
+        ("ride", Phase::Action) => Err(rejected()),
+        _ => Ok(json!({})),
+    });
+    assert_eq!(status, SagaStatus::Compensated);
+    let compensation_keys: Vec<&str> = sim
+        .calls
+        .iter()
+        .filter(|c| c.1 == Phase::Compensation)
+        .map(|c| c.3.as_str())
+        .collect();
+    assert_eq!(compensation_keys, ["saga-1/pay/fallback/compensation"]);
+}
+
+#[test]
+fn a_step_that_reached_its_primary_is_not_rerouted() {
+    let mut sim = reroute_sim();
+    // The first attempt reaches payment (a transient failure: its outcome is unknown); the
+    // retry is refused by the breaker. Rerouting would leave a possible effect at payment
+    // without an undo, so the step fails and payment is compensated as attempted.
+    let status = sim.run(|step, phase, attempt| match (step, phase, attempt) {
+        ("pay", Phase::Action, 1) => Err(transient()),
+        ("pay", Phase::Action, _) => Err(open_breaker()),
+        _ => Ok(json!({})),
+    });
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(
+        sim.saga.steps[0]
+            .last_error
+            .as_ref()
+            .map(|e| e.code.as_str()),
+        Some("CIRCUIT_OPEN")
+    );
+    assert!(!sim.log.iter().any(|e| e.kind.name() == "step_rerouted"));
+    let compensation_keys: Vec<&str> = sim
+        .calls
+        .iter()
+        .filter(|c| c.1 == Phase::Compensation)
+        .map(|c| c.3.as_str())
+        .collect();
+    assert_eq!(compensation_keys, ["saga-1/pay/compensation"]);
+}

@@ -8,10 +8,11 @@ use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::raw::{RawBreaker, RawCall, RawDefinition, RawRetry, RawStep};
+// (RawFallback is read through RawStep::fallback.)
 use super::schema::{FieldType, InputField, InputSchema};
 use super::{
     BreakerSpec, CallPlan, DEFAULT_TIMEOUT, DefinitionError, DefinitionErrors, DescriptorLookup,
-    OnOpen, Participant, Plan, RetryPolicy, StepKind, StepPlan, WindowSpec,
+    FallbackPlan, OnOpen, Participant, Plan, RetryPolicy, StepKind, StepPlan, WindowSpec,
 };
 use crate::duration::parse_duration;
 use crate::template::{self, Reference};
@@ -415,6 +416,15 @@ fn on_open(
     let chosen = match text.map(|t| (t, t.value.trim())) {
         None => base,
         Some((_, "fail")) => OnOpen::Fail,
+        Some((_, "call")) if step.is_some() => OnOpen::Call,
+        Some((t, "call")) => {
+            errors.at(
+                line(t),
+                step,
+                "on_open: call is set per step, together with the step's `fallback`",
+            );
+            base
+        }
         Some((_, "defer")) => OnOpen::Defer {
             max_wait: DEFAULT_MAX_DEFER,
         },
@@ -657,6 +667,18 @@ fn compile_step(
         errors,
     );
 
+    let fallback = compile_fallback(
+        raw,
+        s,
+        kind,
+        step_on_open,
+        action.as_ref(),
+        earlier,
+        input,
+        pools,
+        errors,
+    );
+
     if errors.list.len() > start {
         return None;
     }
@@ -670,6 +692,102 @@ fn compile_step(
         retry,
         compensation_retry,
         on_open: step_on_open,
+        fallback,
+    })
+}
+
+/// The `fallback` of a step with `on_open: call`.
+#[allow(clippy::too_many_arguments)]
+fn compile_fallback(
+    raw: &RawDefinition,
+    s: &RawStep,
+    kind: StepKind,
+    on_open: OnOpen,
+    primary: Option<&CallPlan>,
+    earlier: &Earlier<'_>,
+    input: &Option<InputSchema>,
+    pools: &BTreeMap<String, DescriptorPool>,
+    errors: &mut Errors<'_>,
+) -> Option<FallbackPlan> {
+    let name = s.name.value.as_str();
+    let Some(fallback) = &s.fallback else {
+        if on_open == OnOpen::Call {
+            errors.at(
+                s.on_open.as_ref().map_or(0, line),
+                Some(name),
+                "on_open: call needs a `fallback` (participant, action and compensation)",
+            );
+        }
+        return None;
+    };
+    if on_open != OnOpen::Call {
+        errors.at(
+            line(fallback),
+            Some(name),
+            "`fallback` is only used with on_open: call",
+        );
+        return None;
+    }
+    let f = &fallback.value;
+    if !raw.participants.contains_key(&f.participant.value) {
+        let known: Vec<&str> = raw.participants.keys().map(String::as_str).collect();
+        errors.at(
+            line(&f.participant),
+            Some(name),
+            format!(
+                "fallback: unknown participant `{}` (declared: {})",
+                f.participant.value,
+                known.join(", ")
+            ),
+        );
+        return None;
+    }
+    if f.participant.value == s.participant.value {
+        errors.at(line(&f.participant), Some(name), "fallback: the fallback must be another participant (its breaker is the one that is open)");
+    }
+    match (kind, &f.compensation) {
+        (StepKind::Compensatable, None) => {
+            errors.at(
+                line(fallback),
+                Some(name),
+                "fallback: a compensatable step's fallback needs its own `compensation`",
+            );
+        }
+        (StepKind::Pivot | StepKind::Retriable, Some(c)) => {
+            errors.at(
+                line(c),
+                Some(name),
+                format!(
+                    "fallback: a {} step is never compensated; remove its `compensation`",
+                    kind.as_str()
+                ),
+            );
+        }
+        _ => {}
+    }
+    let pool = pools.get(&f.participant.value);
+    let action = compile_call(&f.action, name, false, earlier, input, pool, errors)?;
+    let compensation = f
+        .compensation
+        .as_ref()
+        .and_then(|c| compile_call(c, name, true, earlier, input, pool, errors));
+    if let Some(primary) = primary
+        && primary.output.full_name() != action.output.full_name()
+    {
+        errors.at(
+                line(&f.action),
+                Some(name),
+                format!(
+                    "fallback: its action returns `{}` but the step's action returns `{}`; later steps read the output, so they must match",
+                    action.output.full_name(),
+                    primary.output.full_name()
+                ),
+            );
+    }
+    Some(FallbackPlan {
+        participant: f.participant.value.clone(),
+        action,
+        compensation,
     })
 }
 

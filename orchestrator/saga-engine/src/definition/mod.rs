@@ -165,6 +165,17 @@ pub enum OnOpen {
     /// The saga waits (WAITING) until the breaker lets a probe through, without using a
     /// retry attempt; after `max_wait` the step fails and the saga compensates.
     Defer { max_wait: Duration },
+    /// The step calls its `fallback` (another participant) instead, if the primary has not
+    /// received any call of this step; otherwise it fails.
+    Call,
+}
+
+/// The alternative a step calls when its participant's breaker is open (`on_open: call`).
+#[derive(Debug, Clone)]
+pub struct FallbackPlan {
+    pub participant: String,
+    pub action: CallPlan,
+    pub compensation: Option<CallPlan>,
 }
 
 /// The classic saga step kinds.
@@ -201,6 +212,8 @@ pub struct StepPlan {
     pub compensation_retry: RetryPolicy,
     /// What the action does when its participant's breaker rejects it.
     pub on_open: OnOpen,
+    /// The alternative of `on_open: call`.
+    pub fallback: Option<FallbackPlan>,
 }
 
 /// One unary gRPC call: the method and the request mapping.

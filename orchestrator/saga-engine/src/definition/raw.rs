@@ -114,9 +114,12 @@ pub struct RawStep {
     pub retry: Option<Spanned<RawRetry>>,
     #[serde(default)]
     pub compensation_retry: Option<Spanned<RawRetry>>,
-    /// Overrides the participant's `on_open` for this step.
+    /// Overrides the participant's `on_open` for this step (`call` needs `fallback`).
     #[serde(default)]
     pub on_open: Option<Spanned<String>>,
+    /// With `on_open: call`: the alternative participant, action and compensation.
+    #[serde(default)]
+    pub fallback: Option<Spanned<RawFallback>>,
     #[serde(default)]
     pub max_defer: Option<Spanned<String>>,
 }
@@ -127,4 +130,13 @@ pub struct RawCall {
     pub method: Spanned<String>,
     #[serde(default)]
     pub request: BTreeMap<String, Spanned<serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub participant: Spanned<String>,
+    pub action: Spanned<RawCall>,
+    #[serde(default)]
+    pub compensation: Option<Spanned<RawCall>>,
 }
