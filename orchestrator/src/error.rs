@@ -37,6 +37,12 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+    #[error("definition `{definition}` does not start sagas while the circuit breaker of `{participant}` is open; retry after {} ms", retry_after.as_millis())]
+    BreakerOpen {
+        definition: String,
+        participant: String,
+        retry_after: std::time::Duration,
+    },
     /// A fault inside the orchestrator; details are logged, not sent to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -54,6 +60,7 @@ impl From<Error> for Status {
                 Code::AlreadyExists
             }
             Error::CancelRefused { .. } => Code::FailedPrecondition,
+            Error::BreakerOpen { .. } => Code::ResourceExhausted,
             Error::Store(StoreError::Fault(_) | StoreError::Closed) | Error::ShuttingDown => {
                 Code::Unavailable
             }
@@ -70,6 +77,15 @@ impl From<Error> for Status {
             Code::Unavailable => {
                 tracing::warn!(cause = %error, "request refused: orchestrator unavailable");
                 Status::unavailable(error.to_string())
+            }
+            Code::ResourceExhausted => {
+                let mut status = Status::new(code, error.to_string());
+                if let Error::BreakerOpen { retry_after, .. } = &error
+                    && let Ok(value) = retry_after.as_millis().to_string().parse()
+                {
+                    status.metadata_mut().insert("retry-after-ms", value);
+                }
+                status
             }
             _ => Status::new(code, error.to_string()),
         }

@@ -167,6 +167,9 @@ impl Runtime {
                 .check(&input)
                 .map_err(|errors| Error::InvalidArgument(errors.join("; ")))?;
         }
+        if plan.reject_when_open {
+            self.admit(&plan)?;
+        }
         if idempotency_key.len() > 256 {
             return Err(Error::InvalidArgument(
                 "idempotency_key: longer than 256 bytes".into(),
@@ -207,6 +210,39 @@ impl Runtime {
                 Ok((existing.saga_id, false, existing.version))
             }
         }
+    }
+
+    /// For `admission: reject_when_open`: refuses a new saga while the first step's
+    /// breaker is open (nothing would be sent anyway), with the time until its next probe.
+    fn admit(&self, plan: &Plan) -> Result<()> {
+        let Some(first) = plan.steps.first() else {
+            return Ok(());
+        };
+        let Some(breaker) = self.inner.registry.breakers().get(&first.participant) else {
+            return Ok(());
+        };
+        let snapshot = breaker.snapshot();
+        let open = matches!(
+            snapshot.state,
+            circuit_breaker::State::Open | circuit_breaker::State::ForcedOpen
+        );
+        let retry_after = snapshot
+            .next_probe_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
+        if open && (snapshot.state == circuit_breaker::State::ForcedOpen || !retry_after.is_zero())
+        {
+            return Err(Error::BreakerOpen {
+                definition: plan.name.clone(),
+                participant: first.participant.clone(),
+                retry_after: if retry_after.is_zero() {
+                    Duration::from_secs(1)
+                } else {
+                    retry_after
+                },
+            });
+        }
+        Ok(())
     }
 
     fn publish(&self, saga_id: &str, events: impl IntoIterator<Item = (Event, SagaStatus)>) {

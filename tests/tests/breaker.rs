@@ -305,3 +305,59 @@ steps:
     );
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_reject_when_open_refuses_new_sagas_with_a_retry_hint() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    let payment = format!("http://{}", cluster.participant(Kind::Payment).addr);
+    let store = format!("http://{}", cluster.participant(Kind::Store).addr);
+    let yaml = definition("pay-or-refuse", &payment, &store, "20s")
+        .replace("version: 1\n", "version: 1\nadmission: reject_when_open\n");
+    cluster
+        .client
+        .put_definition(pb::PutDefinitionRequest { yaml })
+        .await?;
+    cluster
+        .client
+        .set_circuit_breaker(pb::SetCircuitBreakerRequest {
+            participant: "psp".into(),
+            mode: pb::BreakerMode::ForcedOpen as i32,
+        })
+        .await?;
+    let refused = cluster
+        .start_saga("pay-or-refuse", json!({}), "k-1")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("while the circuit breaker of `psp` is open; retry after"),
+        "{}",
+        refused.message()
+    );
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    let listed = cluster
+        .client
+        .list_sagas(pb::ListSagasRequest {
+            definition: "pay-or-refuse".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(listed.sagas.is_empty(), "a refused start stores nothing");
+
+    cluster
+        .client
+        .set_circuit_breaker(pb::SetCircuitBreakerRequest {
+            participant: "psp".into(),
+            mode: pb::BreakerMode::Normal as i32,
+        })
+        .await?;
+    let started = cluster
+        .start_saga("pay-or-refuse", json!({}), "k-1")
+        .await?;
+    let saga = cluster.wait_terminal(&started.saga_id).await?;
+    assert_eq!(status(&saga), "COMPLETED");
+    cluster.shutdown().await
+}

@@ -362,3 +362,29 @@ steps:
         ],
     );
 }
+
+#[test]
+fn admission_is_checked() {
+    let yaml = "name: t
+version: 1
+admission: reject_when_open
+participants:
+  store: { endpoint: http://127.0.0.1:2 }
+steps:
+  - name: submit
+    participant: store
+    kind: pivot
+    action: { method: store.v1.Store/SubmitOrder }
+";
+    check(
+        yaml,
+        &[
+            "test.yaml:3: admission: reject_when_open needs a circuit_breaker on the first step's participant",
+        ],
+    );
+    let other = yaml.replace("reject_when_open", "sometimes");
+    check(
+        &other,
+        &["test.yaml:3: unknown admission `sometimes` (use always or reject_when_open)"],
+    );
+}

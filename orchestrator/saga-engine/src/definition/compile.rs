@@ -157,6 +157,28 @@ pub fn compile(
         earlier_names.insert(name);
     }
     check_kinds(raw, &mut errors);
+    let reject_when_open = match raw.admission.as_ref().map(|a| (a, a.value.trim())) {
+        None | Some((_, "always")) => false,
+        Some((a, "reject_when_open")) => {
+            let first = raw.steps.first().map(|s| s.value.participant.value.clone());
+            let has_breaker = first
+                .as_ref()
+                .and_then(|p| raw.participants.get(p))
+                .is_some_and(|p| p.value.circuit_breaker.is_some());
+            if !has_breaker {
+                errors.at(line(a), None, "admission: reject_when_open needs a circuit_breaker on the first step's participant");
+            }
+            true
+        }
+        Some((a, other)) => {
+            errors.at(
+                line(a),
+                None,
+                format!("unknown admission `{other}` (use always or reject_when_open)"),
+            );
+            false
+        }
+    };
 
     if !errors.list.is_empty() {
         errors.list.sort_by_key(|e| e.line.unwrap_or(0));
@@ -171,6 +193,7 @@ pub fn compile(
         input,
         participants,
         steps,
+        reject_when_open,
     })
 }
 

@@ -90,6 +90,8 @@ pub struct Plan {
     pub input: Option<InputSchema>,
     pub participants: BTreeMap<String, Participant>,
     pub steps: Vec<StepPlan>,
+    /// Whether StartSaga is refused while the first step's breaker is open.
+    pub reject_when_open: bool,
 }
 
 impl Plan {

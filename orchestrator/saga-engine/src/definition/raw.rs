@@ -18,6 +18,9 @@ pub struct RawDefinition {
     pub input: Option<BTreeMap<String, Spanned<String>>>,
     pub participants: BTreeMap<String, Spanned<RawParticipant>>,
     pub steps: Vec<Spanned<RawStep>>,
+    /// `reject_when_open`: StartSaga is refused while the first step's breaker is open.
+    #[serde(default)]
+    pub admission: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
