@@ -182,6 +182,14 @@ impl Registry {
         yaml: &str,
         base: Option<&Path>,
     ) -> Result<(Arc<Plan>, bool)> {
+        // The same text as a version already loaded (from the store, with the descriptors it
+        // was compiled against): nothing to compile, and no participant needs to be reachable.
+        let raw = parse(source, yaml)?;
+        if let Ok(loaded) = self.get(&raw.name.value, Some(raw.version.value))
+            && loaded.yaml == yaml
+        {
+            return Ok((loaded, false));
+        }
         let (plan, descriptors) = self.compile(source, yaml, base).await?;
         let plan = Arc::new(plan);
         let outcome = self

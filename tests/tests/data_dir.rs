@@ -88,3 +88,24 @@ async fn check_reports_a_summary_that_disagrees_with_its_log() -> anyhow::Result
     assert!(err.to_string().contains("disagrees"), "{err}");
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_orchestrator_restarts_while_a_participant_is_down() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    let rider = cluster.participants.remove("rider").expect("rider");
+    rider.shutdown().await?;
+    // The definitions in sagas/ are stored already; restarting must not need reflection.
+    cluster.restart_orchestrator().await?;
+    let listed = cluster
+        .client
+        .list_definitions(proto::saga::v1::ListDefinitionsRequest {})
+        .await?
+        .into_inner();
+    assert!(
+        listed
+            .definitions
+            .iter()
+            .any(|d| d.name == "order-placement")
+    );
+    cluster.shutdown().await
+}
