@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "payment/v1/payment.proto",
     "store/v1/store.proto",
     "rider/v1/rider.proto",
+    "notifier/v1/notifier.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

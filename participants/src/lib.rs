@@ -1,6 +1,7 @@
 //! The food-delivery participant services the saga orchestrator calls over gRPC: payment,
 //! store and rider, each with a persisted (sled), idempotent ledger of the effects it
-//! applied, gRPC health and server reflection.
+//! applied, gRPC health and server reflection; and the notifier, which tells customers
+//! about their orders by following the orchestrator's change feed.
 //!
 //! - [`spawn`] / [`serve`] (module `server`): run one participant ([`Kind`]) on a bound
 //!   listener; [`ParticipantHandle`] stops it and waits until its database is closed.
@@ -11,8 +12,13 @@
 //!   flushed before it returns).
 //! - [`payment`], [`store`], [`rider`]: the business rules of each participant.
 //! - [`faults`]: [`Faults`], injected failures and delays for tests, and call counts.
+//! - [`notifier`]: not a saga participant but a client of the orchestrator: it follows the
+//!   orchestrator's change feed (`WatchSagas`) and records exactly one notification per saga
+//!   status change, across disconnects and restarts; [`spawn_notifier`] / [`serve_notifier`]
+//!   run it, [`NotifierHandle`] stops it.
 
 pub mod faults;
+pub mod notifier;
 pub mod payment;
 pub mod rider;
 pub mod server;
@@ -24,6 +30,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use faults::Faults;
+pub use notifier::{NotifierConfig, NotifierHandle, serve_notifier, spawn_notifier};
 pub use server::{ParticipantHandle, serve, spawn};
 
 /// Which participant to run.
@@ -96,6 +103,8 @@ pub enum ParticipantError {
     },
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
+    #[error("invalid orchestrator URL {url:?}: {reason}")]
+    OrchestratorUrl { url: String, reason: String },
     #[error("corrupt data: {0}")]
     Corrupt(String),
     #[error("i/o: {0}")]

@@ -22,8 +22,8 @@ use crate::rider::RiderService;
 use crate::store::StoreService;
 use crate::{Faults, Kind, ParticipantError};
 
-const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
-const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+pub(crate) const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+pub(crate) const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
 
 /// A participant running in the background, started by [`spawn`].
 pub struct ParticipantHandle {

@@ -3,6 +3,8 @@
 //! - [`saga::v1`]: the orchestrator's client API (`saga.v1.SagaOrchestrator`).
 //! - [`payment::v1`], [`store::v1`], [`rider::v1`]: the food-delivery participants.
 //! - [`participant::v1`]: the ledger types every participant shares.
+//! - [`notifier::v1`]: the notifier, which turns the orchestrator's change feed into
+//!   notifications.
 //! - [`FILE_DESCRIPTOR_SET`]: every file above (and the well-known types it imports) as an
 //!   encoded `FileDescriptorSet`, for server reflection and dynamic invocation.
 
@@ -41,5 +43,12 @@ pub mod store {
 pub mod rider {
     pub mod v1 {
         tonic::include_proto!("rider.v1");
+    }
+}
+
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod notifier {
+    pub mod v1 {
+        tonic::include_proto!("notifier.v1");
     }
 }

@@ -15,4 +15,7 @@ pub mod saga;
 pub mod template;
 
 pub use definition::{DefinitionError, DefinitionErrors, DescriptorLookup, Plan, StepKind};
-pub use saga::{CallError, Event, EventKind, Next, Phase, Saga, SagaStatus, StepStatus};
+pub use saga::{
+    CallError, Event, EventKind, Next, Phase, Saga, SagaStatus, SignalOutcome, SignalRefused,
+    StepStatus, Wait,
+};

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::definition::{CallPlan, OnOpen, Plan, RetryPolicy, StepKind, StepPlan};
+use crate::definition::{CallPlan, OnOpen, OnTimeout, Plan, RetryPolicy, StepKind, StepPlan};
 use crate::template;
 
 /// Whether a call does a step or undoes it.
@@ -50,6 +50,10 @@ pub struct CallError {
 impl CallError {
     /// The error code of a step whose breaker stayed open past its deferral.
     pub const CIRCUIT_OPEN: &'static str = "CIRCUIT_OPEN";
+    /// The error code of an await step failed by one of its `fail_on` signals.
+    pub const SIGNALLED: &'static str = "SIGNALLED";
+    /// The error code of a step whose `when` could not be evaluated.
+    pub const CONDITION_ERROR: &'static str = "CONDITION_ERROR";
 }
 
 impl std::fmt::Display for CallError {
@@ -115,6 +119,31 @@ pub enum EventKind {
         attempt: u32,
         reason: String,
     },
+    /// An await step took a signal: it succeeds (its signal) or fails (a `fail_on` signal).
+    SignalReceived {
+        step: String,
+        signal: String,
+        payload: Value,
+    },
+    /// A signal arrived before the saga waited for it; kept until the await step starts.
+    SignalBuffered {
+        signal: String,
+        payload: Value,
+    },
+    /// An await step's timeout passed without a signal.
+    StepTimedOut {
+        step: String,
+    },
+    /// A step that will not run: its `when` was false, or an await's timeout continued past it.
+    StepSkipped {
+        step: String,
+        reason: String,
+    },
+    /// A step's `when` condition could not be evaluated: the step fails.
+    ConditionFailed {
+        step: String,
+        error: String,
+    },
     CancelRequested {
         reason: String,
     },
@@ -138,6 +167,11 @@ impl EventKind {
             EventKind::StepFailed { .. } => "step_failed",
             EventKind::StepDeferred { .. } => "step_deferred",
             EventKind::StepRerouted { .. } => "step_rerouted",
+            EventKind::SignalReceived { .. } => "signal_received",
+            EventKind::SignalBuffered { .. } => "signal_buffered",
+            EventKind::StepTimedOut { .. } => "step_timed_out",
+            EventKind::StepSkipped { .. } => "step_skipped",
+            EventKind::ConditionFailed { .. } => "condition_failed",
             EventKind::CancelRequested { .. } => "cancel_requested",
             EventKind::CompensationStarted { .. } => "compensation_started",
             EventKind::SagaCompleted => "saga_completed",
@@ -203,6 +237,17 @@ pub enum StepStatus {
     Compensating,
     Compensated,
     CompensationFailed,
+    /// An await step waiting for its signal.
+    Waiting,
+    /// Not run (a false `when`, or skipped by an await's `on_timeout: continue`).
+    Skipped,
+}
+
+impl StepStatus {
+    /// The action is over for good (it succeeded or will not run).
+    fn is_done(self) -> bool {
+        matches!(self, StepStatus::Succeeded | StepStatus::Skipped)
+    }
 }
 
 /// What the state says about one step.
@@ -229,6 +274,9 @@ pub struct StepState {
     /// Whether a call of this step reached the primary participant (an outcome other than a
     /// breaker rejection was recorded): such a step is never rerouted.
     pub primary_reached: bool,
+    /// `seq` of the last event of the step's action: compensations run in reverse order of
+    /// it (for a parallel group, reverse order of completion).
+    pub last_action_seq: u64,
 }
 
 /// A step waiting for its participant's circuit breaker.
@@ -258,8 +306,17 @@ impl StepState {
             deferred_since_ms: None,
             rerouted: false,
             primary_reached: false,
+            last_action_seq: 0,
         }
     }
+}
+
+/// A signal received before the saga waited for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferedSignal {
+    pub signal: String,
+    pub payload: Value,
+    pub at_ms: u64,
 }
 
 /// A call the runtime should make now.
@@ -284,22 +341,59 @@ pub struct Call {
 pub enum Next {
     /// Apply this event and store it before doing anything else that depends on it.
     Record(Event),
-    Call(Call),
-    /// Nothing to do before this time (a retry backoff).
-    Sleep {
-        until_ms: u64,
-        reason: String,
-    },
-    /// Wait until the participant's breaker would let a call through (then call
-    /// [`Saga::resume`]), or until `until_ms`, whichever comes first.
-    AwaitBreaker {
-        step_index: usize,
-        participant: String,
-        until_ms: Option<u64>,
-        reason: String,
-    },
+    /// Nothing to record now: have these calls in flight and wait for what comes first.
+    Wait(Wait),
     /// The saga is terminal.
     Done,
+}
+
+/// What a saga waits for. The runtime makes every call of `calls` that is not already in
+/// flight, then asks [`Saga::next`] again when a call ends, at `wake_at_ms`, when a
+/// breaker of `breakers` lets calls through (after [`Saga::resume`]), or when a signal or
+/// a cancellation is recorded.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Wait {
+    /// Calls whose intent is stored: each must be in flight.
+    pub calls: Vec<Call>,
+    /// The earliest time something is due (a retry, a timeout, a deadline).
+    pub wake_at_ms: Option<u64>,
+    /// Steps deferred by an open breaker: (step index, participant).
+    pub breakers: Vec<(usize, String)>,
+    /// Signals awaited now.
+    pub signals: Vec<String>,
+}
+
+impl Wait {
+    fn wake(&mut self, at_ms: u64) {
+        self.wake_at_ms = Some(self.wake_at_ms.map_or(at_ms, |w| w.min(at_ms)));
+    }
+}
+
+/// The outcome of [`Saga::signal`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SignalOutcome {
+    /// Record this event: the signal is taken now (`buffered` false) or kept until its
+    /// await step starts (`buffered` true).
+    Record {
+        event: Event,
+        step: String,
+        buffered: bool,
+    },
+    /// The same signal with the same payload was already delivered: nothing to do.
+    Duplicate { step: String },
+}
+
+/// Why a signal is refused. Nothing is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalRefused {
+    #[error("definition has no await step for signal `{signal}` (it accepts: {known})")]
+    Unknown { signal: String, known: String },
+    #[error("saga is already {}", .0.as_str())]
+    Terminal(SagaStatus),
+    #[error("saga is compensating and takes no more signals: {0}")]
+    Compensating(String),
+    #[error("saga is not waiting for signal `{signal}`: {why}")]
+    NotWaiting { signal: String, why: String },
 }
 
 /// An event that does not fit the saga's log.
@@ -323,6 +417,28 @@ pub enum EngineError {
     Empty,
     #[error("event saga_started for definition {got}, expected {expected}")]
     WrongDefinition { expected: String, got: String },
+    #[error("step `{step}` is not waiting for signal `{signal}`")]
+    NotWaiting { step: String, signal: String },
+    #[error("step `{0}` has already started")]
+    NotPending(String),
+}
+
+/// The step of an event about a step's action (not its compensation).
+fn action_step(kind: &EventKind) -> Option<&str> {
+    match kind {
+        EventKind::StepStarted { step, phase, .. }
+        | EventKind::StepSucceeded { step, phase, .. }
+        | EventKind::StepFailed { step, phase, .. }
+        | EventKind::StepDeferred { step, phase, .. } => {
+            (*phase == Phase::Action).then_some(step.as_str())
+        }
+        EventKind::StepRerouted { step, .. }
+        | EventKind::SignalReceived { step, .. }
+        | EventKind::StepTimedOut { step }
+        | EventKind::StepSkipped { step, .. }
+        | EventKind::ConditionFailed { step, .. } => Some(step),
+        _ => None,
+    }
 }
 
 /// Why a cancellation is refused.
@@ -334,6 +450,8 @@ pub enum CancelRefused {
     PastPivot(String),
     #[error("saga is already compensating: {0}")]
     Compensating(String),
+    #[error("saga can no longer be cancelled: step `{0}` is done (the definition allows cancelling until `{0}`)")]
+    PastPoint(String),
 }
 
 /// One saga's state, derived from its events.
@@ -354,6 +472,12 @@ pub struct Saga {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub last_seq: u64,
+    /// Signals received before the saga waited for them.
+    pub buffered: Vec<BufferedSignal>,
+    /// Signals taken by await steps, with their payloads (to recognise a repeated one).
+    pub received: Vec<(String, Value)>,
+    /// When the whole saga's deadline passes, if the definition sets one.
+    pub deadline_ms: Option<u64>,
 }
 
 impl Saga {
@@ -422,6 +546,11 @@ impl Saga {
             created_at_ms: first.at_ms,
             updated_at_ms: first.at_ms,
             last_seq: 1,
+            buffered: Vec::new(),
+            received: Vec::new(),
+            deadline_ms: plan
+                .deadline
+                .map(|d| first.at_ms.saturating_add(d.as_millis() as u64)),
         };
         for event in events {
             saga.apply(plan, event)?;
@@ -435,15 +564,29 @@ impl Saga {
             terminal
         } else if self.compensating {
             SagaStatus::Compensating
-        } else if self
-            .steps
-            .iter()
-            .any(|s| s.status == StepStatus::Retrying || s.deferral.is_some())
-        {
+        } else if self.steps.iter().any(|s| s.in_flight) {
+            SagaStatus::Running
+        } else if self.steps.iter().any(|s| {
+            matches!(s.status, StepStatus::Retrying | StepStatus::Waiting) || s.deferral.is_some()
+        }) {
             SagaStatus::Waiting
         } else {
             SagaStatus::Running
         }
+    }
+
+    /// The signals the saga's await steps wait for now.
+    pub fn awaiting_signals(&self, plan: &Plan) -> Vec<String> {
+        if self.terminal.is_some() || self.compensating {
+            return Vec::new();
+        }
+        self.steps
+            .iter()
+            .zip(&plan.steps)
+            .filter(|(s, _)| s.status == StepStatus::Waiting)
+            .filter_map(|(_, p)| p.awaits())
+            .flat_map(|a| std::iter::once(a.signal.clone()).chain(a.fail_on.iter().cloned()))
+            .collect()
     }
 
     /// For a WAITING saga, what it waits for.
@@ -451,29 +594,74 @@ impl Saga {
         if self.status() != SagaStatus::Waiting {
             return None;
         }
-        if let Some((s, p)) = self
-            .steps
-            .iter()
-            .zip(&plan.steps)
-            .find(|(s, _)| s.deferral.is_some())
-        {
-            let deferral = s.deferral.as_ref()?;
-            return Some(match deferral.deadline_ms {
-                Some(at) => format!(
-                    "step `{}` deferred: {} (until {at} ms)",
-                    p.name, deferral.reason
-                ),
-                None => format!("step `{}` deferred: {}", p.name, deferral.reason),
-            });
+        let mut waits = Vec::new();
+        for (s, p) in self.steps.iter().zip(&plan.steps) {
+            if s.status == StepStatus::Waiting
+                && let Some(a) = p.awaits()
+            {
+                let mut text = format!("signal `{}`", a.signal);
+                for other in &a.fail_on {
+                    text.push_str(&format!(" or `{other}`"));
+                }
+                text.push_str(&format!(" (step `{}`", p.name));
+                match (a.timeout, s.started_at_ms) {
+                    (Some(t), Some(at)) => text.push_str(&format!(
+                        ", until {} ms)",
+                        at.saturating_add(t.as_millis() as u64)
+                    )),
+                    _ => text.push(')'),
+                }
+                waits.push(text);
+            } else if let Some(deferral) = &s.deferral {
+                waits.push(match deferral.deadline_ms {
+                    Some(at) => format!(
+                        "step `{}` deferred: {} (until {at} ms)",
+                        p.name, deferral.reason
+                    ),
+                    None => format!("step `{}` deferred: {}", p.name, deferral.reason),
+                });
+            } else if s.status == StepStatus::Retrying {
+                waits.push(match s.retry_at_ms {
+                    Some(at) => format!("retry of step `{}` at {at} ms", p.name),
+                    None => format!("retry of step `{}`", p.name),
+                });
+            }
         }
-        self.steps
-            .iter()
-            .zip(&plan.steps)
-            .find(|(s, _)| s.status == StepStatus::Retrying)
-            .map(|(s, p)| match s.retry_at_ms {
-                Some(at) => format!("retry of step `{}` at {at} ms", p.name),
-                None => format!("retry of step `{}`", p.name),
-            })
+        (!waits.is_empty()).then(|| waits.join("; "))
+    }
+
+    /// The first step whose action is not done (the saga's current step), if any.
+    fn frontier(&self) -> Option<usize> {
+        self.steps.iter().position(|s| !s.status.is_done())
+    }
+
+    /// The order's status in the customer's words, as the definition declares it: the
+    /// current step's `status` (or the nearest earlier one that has one), or the outcome's.
+    pub fn business_status(&self, plan: &Plan) -> String {
+        let statuses = &plan.statuses;
+        let pick = |custom: &Option<String>, default: &str| {
+            custom.clone().unwrap_or_else(|| default.to_owned())
+        };
+        match self.terminal {
+            Some(SagaStatus::Completed) => return pick(&statuses.completed, "completed"),
+            Some(SagaStatus::Compensated) if self.cancel_reason.is_some() => {
+                return pick(&statuses.cancelled, "cancelled");
+            }
+            Some(SagaStatus::Compensated) => {
+                return pick(&statuses.compensated, "could not be completed; rolled back");
+            }
+            Some(_) => return pick(&statuses.failed, "needs attention"),
+            None => {}
+        }
+        if self.compensating {
+            return pick(&statuses.compensating, "cancelling");
+        }
+        let current = self.frontier().unwrap_or(self.steps.len().saturating_sub(1));
+        (0..=current)
+            .rev()
+            .filter(|&i| self.steps.get(i).is_some_and(|s| s.status != StepStatus::Skipped))
+            .find_map(|i| plan.steps.get(i).and_then(|p| p.status.clone()))
+            .unwrap_or_else(|| "in progress".to_owned())
     }
 
     fn step_index(&self, plan: &Plan, name: &str) -> Result<usize, EngineError> {
@@ -506,11 +694,24 @@ impl Saga {
                 attempt,
             } => {
                 let i = self.step_index(plan, step)?;
+                let is_await = plan.steps[i].awaits().is_some();
                 let s = &mut self.steps[i];
-                s.in_flight = true;
+                if is_await && (*phase != Phase::Action || s.status != StepStatus::Pending) {
+                    return Err(EngineError::NotInFlight {
+                        step: step.clone(),
+                        phase: *phase,
+                        attempt: *attempt,
+                    });
+                }
+                s.in_flight = !is_await;
                 s.retry_at_ms = None;
                 s.deferral = None;
                 match phase {
+                    Phase::Action if is_await => {
+                        s.attempts = *attempt;
+                        s.status = StepStatus::Waiting;
+                        s.started_at_ms.get_or_insert(event.at_ms);
+                    }
                     Phase::Action => {
                         s.attempts = *attempt;
                         s.status = StepStatus::Running;
@@ -599,7 +800,7 @@ impl Saga {
                 let i = self.step_index(plan, step)?;
                 let s = &mut self.steps[i];
                 check_in_flight(s, step, Phase::Action, *attempt)?;
-                if s.primary_reached || plan.steps[i].fallback.is_none() {
+                if s.primary_reached || plan.steps[i].call().is_none_or(|c| c.fallback.is_none()) {
                     return Err(EngineError::NotInFlight {
                         step: step.clone(),
                         phase: Phase::Action,
@@ -608,6 +809,108 @@ impl Saga {
                 }
                 s.in_flight = false;
                 s.rerouted = true;
+            }
+            EventKind::SignalReceived {
+                step,
+                signal,
+                payload,
+            } => {
+                let i = self.step_index(plan, step)?;
+                let accepts = plan.steps[i].awaits().map(|a| (a.signal == *signal, a.accepts(signal)));
+                let s = &mut self.steps[i];
+                let Some((success, true)) = accepts.filter(|_| s.status == StepStatus::Waiting)
+                else {
+                    return Err(EngineError::NotWaiting {
+                        step: step.clone(),
+                        signal: signal.clone(),
+                    });
+                };
+                s.output = Some(json!({"signal": signal, "payload": payload, "timed_out": false}));
+                s.finished_at_ms = Some(event.at_ms);
+                if success {
+                    s.status = StepStatus::Succeeded;
+                } else {
+                    s.status = StepStatus::Failed;
+                    s.last_error = Some(CallError {
+                        code: CallError::SIGNALLED.to_owned(),
+                        message: format!("signal `{signal}` received"),
+                        retryable: false,
+                        rejected: false,
+                    });
+                }
+                self.buffered.retain(|b| b.signal != *signal);
+                self.received.push((signal.clone(), payload.clone()));
+            }
+            EventKind::SignalBuffered { signal, payload } => {
+                self.buffered.push(BufferedSignal {
+                    signal: signal.clone(),
+                    payload: payload.clone(),
+                    at_ms: event.at_ms,
+                });
+            }
+            EventKind::StepTimedOut { step } => {
+                let i = self.step_index(plan, step)?;
+                let Some(wait) = plan.steps[i].awaits() else {
+                    return Err(EngineError::NotWaiting {
+                        step: step.clone(),
+                        signal: String::new(),
+                    });
+                };
+                if self.steps[i].status != StepStatus::Waiting {
+                    return Err(EngineError::NotWaiting {
+                        step: step.clone(),
+                        signal: wait.signal.clone(),
+                    });
+                }
+                let s = &mut self.steps[i];
+                s.finished_at_ms = Some(event.at_ms);
+                match wait.on_timeout {
+                    OnTimeout::Fail => {
+                        s.status = StepStatus::Failed;
+                        s.last_error = Some(CallError {
+                            code: "DEADLINE_EXCEEDED".to_owned(),
+                            message: format!(
+                                "no signal `{}` within {} ms",
+                                wait.signal,
+                                wait.timeout.map_or(0, |t| t.as_millis())
+                            ),
+                            retryable: false,
+                            rejected: false,
+                        });
+                    }
+                    OnTimeout::Continue { at } => {
+                        s.status = StepStatus::Succeeded;
+                        s.output = Some(json!({"signal": null, "payload": null, "timed_out": true}));
+                        for skipped in self.steps.iter_mut().take(at).skip(i + 1) {
+                            if skipped.status == StepStatus::Pending {
+                                skipped.status = StepStatus::Skipped;
+                            }
+                        }
+                    }
+                }
+            }
+            EventKind::StepSkipped { step, .. } => {
+                let i = self.step_index(plan, step)?;
+                let s = &mut self.steps[i];
+                if s.status != StepStatus::Pending {
+                    return Err(EngineError::NotPending(step.clone()));
+                }
+                s.status = StepStatus::Skipped;
+            }
+            EventKind::ConditionFailed { step, error } => {
+                let i = self.step_index(plan, step)?;
+                let s = &mut self.steps[i];
+                if s.status != StepStatus::Pending {
+                    return Err(EngineError::NotPending(step.clone()));
+                }
+                s.status = StepStatus::Failed;
+                s.finished_at_ms = Some(event.at_ms);
+                s.last_error = Some(CallError {
+                    code: CallError::CONDITION_ERROR.to_owned(),
+                    message: error.clone(),
+                    retryable: false,
+                    rejected: false,
+                });
             }
             EventKind::CancelRequested { reason } => {
                 self.cancel_reason = Some(reason.clone());
@@ -622,6 +925,11 @@ impl Saga {
                 self.terminal = Some(SagaStatus::Failed);
                 self.reason = Some(reason.clone());
             }
+        }
+        if let Some(step) = action_step(&event.kind)
+            && let Some((i, _)) = plan.step(step)
+        {
+            self.steps[i].last_action_seq = event.seq;
         }
         self.last_seq = event.seq;
         self.updated_at_ms = event.at_ms;
@@ -655,39 +963,41 @@ impl Saga {
         })
     }
 
-    /// Where a step's calls go: (participant, action, compensation, idempotency key scope).
-    /// A rerouted step uses its fallback and the scope `<saga>/<step>/fallback`.
-    pub fn route<'p>(
-        &self,
-        plan: &'p Plan,
-        index: usize,
-    ) -> (&'p str, &'p CallPlan, Option<&'p CallPlan>, String) {
-        let step = &plan.steps[index];
-        match (&step.fallback, self.steps[index].rerouted) {
-            (Some(fallback), true) => (
-                fallback.participant.as_str(),
-                &fallback.action,
-                fallback.compensation.as_ref(),
-                format!("{}/{}/fallback", self.id, step.name),
-            ),
-            _ => (
-                step.participant.as_str(),
-                &step.action,
-                step.compensation.as_ref(),
-                format!("{}/{}", self.id, step.name),
-            ),
-        }
+    /// Where a call step's calls go: (participant, action, compensation, idempotency key
+    /// scope). A rerouted step uses its fallback and the scope `<saga>/<step>/fallback`.
+    /// `None` for an await step.
+    pub fn route<'p>(&self, plan: &'p Plan, index: usize) -> Option<Route<'p>> {
+        let step = plan.steps.get(index)?;
+        let call = step.call()?;
+        Some(
+            match (&call.fallback, self.steps.get(index).is_some_and(|s| s.rerouted)) {
+                (Some(fallback), true) => (
+                    fallback.participant.as_str(),
+                    &fallback.action,
+                    fallback.compensation.as_ref(),
+                    format!("{}/{}/fallback", self.id, step.name),
+                ),
+                _ => (
+                    call.participant.as_str(),
+                    &call.action,
+                    call.compensation.as_ref(),
+                    format!("{}/{}", self.id, step.name),
+                ),
+            },
+        )
     }
 
-    fn call(&self, plan: &Plan, index: usize, phase: Phase, attempt: u32) -> Call {
+    /// The call of attempt `attempt` of a call step; `None` for an await step.
+    fn call(&self, plan: &Plan, index: usize, phase: Phase, attempt: u32) -> Option<Call> {
         let step = &plan.steps[index];
-        let (participant, action, compensation, scope) = self.route(plan, index);
+        let timeout = step.call()?.timeout;
+        let (participant, action, compensation, scope) = self.route(plan, index)?;
         let spec: &CallPlan = match phase {
             Phase::Action => action,
             // `next` asks for a compensation call only for steps that have one.
             Phase::Compensation => compensation.unwrap_or(action),
         };
-        Call {
+        Some(Call {
             step_index: index,
             step: step.name.clone(),
             phase,
@@ -696,8 +1006,24 @@ impl Saga {
             method: spec.method.clone(),
             request: template::render(&spec.request, &self.context(plan)),
             idempotency_key: format!("{scope}/{}", phase.as_str()),
-            timeout_ms: step.timeout.as_millis() as u64,
-        }
+            timeout_ms: timeout.as_millis() as u64,
+        })
+    }
+
+    /// Whether the pivot step (if any) has succeeded: the saga can only go forward.
+    pub fn past_pivot(&self, plan: &Plan) -> bool {
+        plan.pivot()
+            .is_some_and(|p| self.steps[p].status == StepStatus::Succeeded)
+    }
+
+    /// The action calls in flight now (their results are awaited).
+    fn calls_in_flight(&self, plan: &Plan) -> Vec<Call> {
+        self.steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.in_flight && s.status == StepStatus::Running)
+            .filter_map(|(i, s)| self.call(plan, i, Phase::Action, s.attempts))
+            .collect()
     }
 
     /// What the runtime should do now. Pure: the same state, plan and time give the same
@@ -709,67 +1035,33 @@ impl Saga {
         if self.compensating {
             return self.next_compensation(plan, now_ms);
         }
-        if let Some(reason) = &self.cancel_reason {
-            return Next::Record(self.event(
-                now_ms,
-                EventKind::CompensationStarted {
-                    reason: format!("cancelled: {reason}"),
-                },
-            ));
-        }
-        for (index, (step, plan_step)) in self.steps.iter().zip(&plan.steps).enumerate() {
-            match step.status {
-                StepStatus::Succeeded => continue,
-                StepStatus::Pending => {
-                    return Next::Record(self.event(
-                        now_ms,
-                        EventKind::StepStarted {
-                            step: plan_step.name.clone(),
-                            phase: Phase::Action,
-                            attempt: 1,
-                        },
-                    ));
-                }
-                StepStatus::Running if step.deferral.is_some() => {
-                    return self.deferred(plan, index, now_ms);
-                }
-                // Rerouted to the fallback: the next attempt goes there.
-                StepStatus::Running if !step.in_flight => {
-                    return Next::Record(self.event(
-                        now_ms,
-                        EventKind::StepStarted {
-                            step: plan_step.name.clone(),
-                            phase: Phase::Action,
-                            attempt: step.attempts + 1,
-                        },
-                    ));
-                }
-                StepStatus::Running => {
-                    return Next::Call(self.call(plan, index, Phase::Action, step.attempts));
-                }
-                StepStatus::Retrying => {
-                    let until = step.retry_at_ms.unwrap_or(0);
-                    if now_ms < until {
-                        return Next::Sleep {
-                            until_ms: until,
-                            reason: format!("retry of step `{}`", plan_step.name),
-                        };
-                    }
-                    return Next::Record(self.event(
-                        now_ms,
-                        EventKind::StepStarted {
-                            step: plan_step.name.clone(),
-                            phase: Phase::Action,
-                            attempt: step.attempts + 1,
-                        },
-                    ));
-                }
-                StepStatus::Failed => {
+        // Reasons to stop going forward. Calls in flight are awaited first: compensation
+        // never overtakes an action whose outcome is still coming.
+        let stop = if let Some(reason) = &self.cancel_reason {
+            Some(EventKind::CompensationStarted {
+                reason: format!("cancelled: {reason}"),
+            })
+        } else if let Some(deadline) = self.deadline_ms
+            && now_ms >= deadline
+            && !self.past_pivot(plan)
+        {
+            Some(EventKind::CompensationStarted {
+                reason: format!(
+                    "the saga's deadline of {} ms passed",
+                    plan.deadline.map_or(0, |d| d.as_millis())
+                ),
+            })
+        } else {
+            self.steps
+                .iter()
+                .zip(&plan.steps)
+                .find(|(s, _)| s.status == StepStatus::Failed)
+                .map(|(step, plan_step)| {
                     let error = step
                         .last_error
                         .as_ref()
                         .map_or_else(|| "unknown error".to_owned(), ToString::to_string);
-                    let kind = if plan_step.kind == StepKind::Retriable {
+                    if plan_step.kind == StepKind::Retriable {
                         EventKind::SagaFailed {
                             reason: format!(
                                 "retriable step `{}` failed for good after the pivot: {error}",
@@ -780,25 +1072,153 @@ impl Saga {
                         EventKind::CompensationStarted {
                             reason: format!("step `{}` failed: {error}", plan_step.name),
                         }
+                    }
+                })
+        };
+        if let Some(kind) = stop {
+            let calls = self.calls_in_flight(plan);
+            if calls.is_empty() {
+                return Next::Record(self.event(now_ms, kind));
+            }
+            return Next::Wait(Wait {
+                calls,
+                ..Wait::default()
+            });
+        }
+        let Some(frontier) = self.frontier() else {
+            return Next::Record(self.event(now_ms, EventKind::SagaCompleted));
+        };
+        let mut wait = Wait::default();
+        for index in plan.group_of(frontier) {
+            let step = &self.steps[index];
+            let plan_step = &plan.steps[index];
+            let started = |attempt| {
+                Next::Record(self.event(
+                    now_ms,
+                    EventKind::StepStarted {
+                        step: plan_step.name.clone(),
+                        phase: Phase::Action,
+                        attempt,
+                    },
+                ))
+            };
+            match step.status {
+                StepStatus::Succeeded | StepStatus::Skipped => {}
+                StepStatus::Pending => {
+                    if let Some(condition) = &plan_step.when {
+                        match condition.eval(&self.context(plan)) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return Next::Record(self.event(
+                                    now_ms,
+                                    EventKind::StepSkipped {
+                                        step: plan_step.name.clone(),
+                                        reason: format!("`when: {}` is false", condition.source()),
+                                    },
+                                ));
+                            }
+                            Err(error) => {
+                                return Next::Record(self.event(
+                                    now_ms,
+                                    EventKind::ConditionFailed {
+                                        step: plan_step.name.clone(),
+                                        error: error.to_string(),
+                                    },
+                                ));
+                            }
+                        }
+                    }
+                    return started(1);
+                }
+                StepStatus::Waiting => {
+                    let Some(awaits) = plan_step.awaits() else {
+                        continue;
                     };
-                    return Next::Record(self.event(now_ms, kind));
+                    // A signal that came early is taken first, in the order of arrival.
+                    if let Some(early) = self.buffered.iter().find(|b| awaits.accepts(&b.signal)) {
+                        return Next::Record(self.event(
+                            now_ms,
+                            EventKind::SignalReceived {
+                                step: plan_step.name.clone(),
+                                signal: early.signal.clone(),
+                                payload: early.payload.clone(),
+                            },
+                        ));
+                    }
+                    if let (Some(timeout), Some(since)) = (awaits.timeout, step.started_at_ms) {
+                        let at = since.saturating_add(timeout.as_millis() as u64);
+                        if now_ms >= at {
+                            return Next::Record(self.event(
+                                now_ms,
+                                EventKind::StepTimedOut {
+                                    step: plan_step.name.clone(),
+                                },
+                            ));
+                        }
+                        wait.wake(at);
+                    }
+                    wait.signals.push(awaits.signal.clone());
+                    wait.signals.extend(awaits.fail_on.iter().cloned());
                 }
-                StepStatus::Compensating
+                StepStatus::Running if step.deferral.is_some() => {
+                    match self.deferred(plan, index, now_ms) {
+                        Ok(event) => return Next::Record(event),
+                        Err(until_ms) => {
+                            wait.breakers
+                                .push((index, plan_step.participant().to_owned()));
+                            if let Some(at) = until_ms {
+                                wait.wake(at);
+                            }
+                        }
+                    }
+                }
+                // Rerouted to the fallback: the next attempt goes there.
+                StepStatus::Running if !step.in_flight => return started(step.attempts + 1),
+                StepStatus::Running => {
+                    if let Some(call) = self.call(plan, index, Phase::Action, step.attempts) {
+                        wait.calls.push(call);
+                    }
+                }
+                StepStatus::Retrying => {
+                    let until = step.retry_at_ms.unwrap_or(0);
+                    if now_ms >= until {
+                        return started(step.attempts + 1);
+                    }
+                    wait.wake(until);
+                }
+                // Failures stop the saga above; compensation states only occur once
+                // `compensating` is set.
+                StepStatus::Failed
+                | StepStatus::Compensating
                 | StepStatus::Compensated
-                | StepStatus::CompensationFailed => {
-                    // Compensation states only occur once `compensating` is set.
-                    return self.next_compensation(plan, now_ms);
-                }
+                | StepStatus::CompensationFailed => {}
             }
         }
-        Next::Record(self.event(now_ms, EventKind::SagaCompleted))
+        if let Some(deadline) = self.deadline_ms
+            && !self.past_pivot(plan)
+        {
+            wait.wake(deadline);
+        }
+        Next::Wait(wait)
+    }
+
+    /// Steps to compensate, in the order to compensate them: every step whose action was
+    /// attempted and that has a compensation on its route, latest action first.
+    fn compensation_order(&self, plan: &Plan) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| {
+                self.steps[i].attempts > 0
+                    && self.route(plan, i).is_some_and(|r| r.2.is_some())
+            })
+            .collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.steps[i].last_action_seq));
+        order
     }
 
     fn next_compensation(&self, plan: &Plan, now_ms: u64) -> Next {
-        for (index, (step, plan_step)) in self.steps.iter().zip(&plan.steps).enumerate().rev() {
-            if step.attempts == 0 || self.route(plan, index).2.is_none() {
-                continue;
-            }
+        for index in self.compensation_order(plan) {
+            let step = &self.steps[index];
+            let plan_step = &plan.steps[index];
             match step.status {
                 StepStatus::Compensated => continue,
                 StepStatus::CompensationFailed => {
@@ -817,26 +1237,31 @@ impl Saga {
                     ));
                 }
                 StepStatus::Compensating if step.deferral.is_some() => {
-                    return self.deferred(plan, index, now_ms);
+                    return match self.deferred(plan, index, now_ms) {
+                        Ok(event) => Next::Record(event),
+                        Err(until_ms) => Next::Wait(Wait {
+                            breakers: vec![(index, plan_step.participant().to_owned())],
+                            wake_at_ms: until_ms,
+                            ..Wait::default()
+                        }),
+                    };
                 }
                 StepStatus::Compensating if step.in_flight => {
-                    return Next::Call(self.call(
-                        plan,
-                        index,
-                        Phase::Compensation,
-                        step.compensation_attempts,
-                    ));
+                    return Next::Wait(Wait {
+                        calls: self
+                            .call(plan, index, Phase::Compensation, step.compensation_attempts)
+                            .into_iter()
+                            .collect(),
+                        ..Wait::default()
+                    });
                 }
                 StepStatus::Compensating => {
                     let until = step.retry_at_ms.unwrap_or(0);
                     if now_ms < until {
-                        return Next::Sleep {
-                            until_ms: until,
-                            reason: format!(
-                                "retry of the compensation of step `{}`",
-                                plan_step.name
-                            ),
-                        };
+                        return Next::Wait(Wait {
+                            wake_at_ms: Some(until),
+                            ..Wait::default()
+                        });
                     }
                     return Next::Record(self.event(
                         now_ms,
@@ -852,7 +1277,9 @@ impl Saga {
                 | StepStatus::Retrying
                 | StepStatus::Succeeded
                 | StepStatus::Failed
-                | StepStatus::Pending => {
+                | StepStatus::Pending
+                | StepStatus::Waiting
+                | StepStatus::Skipped => {
                     return Next::Record(self.event(
                         now_ms,
                         EventKind::StepStarted {
@@ -881,6 +1308,13 @@ impl Saga {
         let state = &self.steps[index];
         check_in_flight(state, &call.step, call.phase, call.attempt)?;
         let plan_step: &StepPlan = &plan.steps[index];
+        let Some(call_step) = plan_step.call() else {
+            return Err(EngineError::NotInFlight {
+                step: call.step.clone(),
+                phase: call.phase,
+                attempt: call.attempt,
+            });
+        };
         let kind = match result {
             Ok(output) => EventKind::StepSucceeded {
                 step: call.step.clone(),
@@ -890,8 +1324,8 @@ impl Saga {
             },
             Err(error) => {
                 let policy: &RetryPolicy = match call.phase {
-                    Phase::Action => &plan_step.retry,
-                    Phase::Compensation => &plan_step.compensation_retry,
+                    Phase::Action => &call_step.retry,
+                    Phase::Compensation => &call_step.compensation_retry,
                 };
                 // Retriable steps come after the pivot: the saga can only go forward, so
                 // transient failures are retried without a limit.
@@ -924,7 +1358,10 @@ impl Saga {
         error: CallError,
         now_ms: u64,
     ) -> EventKind {
-        let deferral = match (call.phase, plan_step.on_open) {
+        let (on_open, has_fallback) = plan_step
+            .call()
+            .map_or((OnOpen::Fail, false), |c| (c.on_open, c.fallback.is_some()));
+        let deferral = match (call.phase, on_open) {
             (Phase::Compensation, _) => Some(None),
             (Phase::Action, OnOpen::Defer { max_wait }) => {
                 let since = self.steps[call.step_index]
@@ -935,7 +1372,7 @@ impl Saga {
             (Phase::Action, OnOpen::Fail) => None,
             (Phase::Action, OnOpen::Call) => {
                 let state = &self.steps[call.step_index];
-                if !state.rerouted && !state.primary_reached && plan_step.fallback.is_some() {
+                if !state.rerouted && !state.primary_reached && has_fallback {
                     return EventKind::StepRerouted {
                         step: call.step.clone(),
                         attempt: call.attempt,
@@ -969,17 +1406,18 @@ impl Saga {
         }
     }
 
-    /// What a deferred step does now: fail if its deadline passed, else wait for the breaker.
-    fn deferred(&self, plan: &Plan, index: usize, now_ms: u64) -> Next {
+    /// A deferred step: `Ok(event)` failing it if its deadline passed, else `Err(deadline)`
+    /// (keep waiting for the breaker, until the deadline if there is one).
+    fn deferred(&self, plan: &Plan, index: usize, now_ms: u64) -> Result<Event, Option<u64>> {
         let step = &self.steps[index];
         let plan_step = &plan.steps[index];
         let Some(deferral) = &step.deferral else {
-            return Next::Done;
+            return Err(None);
         };
         match deferral.deadline_ms {
             Some(deadline) if now_ms >= deadline => {
                 let waited = now_ms.saturating_sub(step.deferred_since_ms.unwrap_or(now_ms));
-                Next::Record(self.event(
+                Ok(self.event(
                     now_ms,
                     EventKind::StepFailed {
                         step: plan_step.name.clone(),
@@ -989,7 +1427,7 @@ impl Saga {
                             code: CallError::CIRCUIT_OPEN.to_owned(),
                             message: format!(
                                 "deferred {waited} ms; the circuit breaker of `{}` stayed open",
-                                plan_step.participant
+                                plan_step.participant()
                             ),
                             retryable: false,
                             rejected: true,
@@ -998,12 +1436,7 @@ impl Saga {
                     },
                 ))
             }
-            until_ms => Next::AwaitBreaker {
-                step_index: index,
-                participant: plan_step.participant.clone(),
-                until_ms,
-                reason: deferral.reason.clone(),
-            },
+            until_ms => Err(until_ms),
         }
     }
 
@@ -1040,8 +1473,13 @@ impl Saga {
                 self.reason.clone().unwrap_or_default(),
             ));
         }
-        if let Some(pivot) = plan.pivot()
-            && self.steps[pivot].status == StepStatus::Succeeded
+        if let Some(point) = plan.cancellable_until
+            && self.steps[point].status.is_done()
+        {
+            return Err(CancelRefused::PastPoint(plan.steps[point].name.clone()));
+        }
+        if self.past_pivot(plan)
+            && let Some(pivot) = plan.pivot()
         {
             return Err(CancelRefused::PastPivot(plan.steps[pivot].name.clone()));
         }
@@ -1052,7 +1490,111 @@ impl Saga {
             },
         )))
     }
+
+    /// What delivering `signal` with `payload` does: take it now (its await step waits),
+    /// keep it for later (its await step has not started yet), recognise it as a repeat, or
+    /// refuse it.
+    pub fn signal(
+        &self,
+        plan: &Plan,
+        signal: &str,
+        payload: &Value,
+        now_ms: u64,
+    ) -> Result<SignalOutcome, SignalRefused> {
+        let Some((index, plan_step)) = plan
+            .steps
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.awaits().is_some_and(|a| a.accepts(signal)))
+        else {
+            let known = plan.signals();
+            return Err(SignalRefused::Unknown {
+                signal: signal.to_owned(),
+                known: if known.is_empty() {
+                    "no signals".to_owned()
+                } else {
+                    known.join(", ")
+                },
+            });
+        };
+        let step = plan_step.name.clone();
+        let same = |(s, p): &(String, Value)| s == signal && p == payload;
+        if self.received.iter().any(same)
+            || self
+                .buffered
+                .iter()
+                .any(|b| b.signal == signal && b.payload == *payload)
+        {
+            return Ok(SignalOutcome::Duplicate { step });
+        }
+        if let Some(status) = self.terminal {
+            return Err(SignalRefused::Terminal(status));
+        }
+        if self.compensating || self.cancel_reason.is_some() {
+            return Err(SignalRefused::Compensating(
+                self.reason
+                    .clone()
+                    .or_else(|| self.cancel_reason.clone())
+                    .unwrap_or_default(),
+            ));
+        }
+        let not_waiting = |why: String| {
+            Err(SignalRefused::NotWaiting {
+                signal: signal.to_owned(),
+                why,
+            })
+        };
+        let accepts = |s: &str| plan_step.awaits().is_some_and(|a| a.accepts(s));
+        let state = &self.steps[index];
+        match state.status {
+            StepStatus::Waiting => Ok(SignalOutcome::Record {
+                event: self.event(
+                    now_ms,
+                    EventKind::SignalReceived {
+                        step: step.clone(),
+                        signal: signal.to_owned(),
+                        payload: payload.clone(),
+                    },
+                ),
+                step,
+                buffered: false,
+            }),
+            StepStatus::Pending => {
+                if let Some(first) = self.buffered.iter().find(|b| accepts(&b.signal)) {
+                    return not_waiting(format!(
+                        "step `{step}` already has signal `{}` kept for it",
+                        first.signal
+                    ));
+                }
+                Ok(SignalOutcome::Record {
+                    event: self.event(
+                        now_ms,
+                        EventKind::SignalBuffered {
+                            signal: signal.to_owned(),
+                            payload: payload.clone(),
+                        },
+                    ),
+                    step,
+                    buffered: true,
+                })
+            }
+            StepStatus::Skipped => not_waiting(format!("step `{step}` was skipped")),
+            _ => {
+                let how = match self.received.iter().find(|(s, _)| accepts(s)) {
+                    Some((s, _)) if s == signal => {
+                        format!("it was already received with another payload by step `{step}`")
+                    }
+                    Some((s, _)) => format!("step `{step}` already received `{s}`"),
+                    None => format!("step `{step}` has already ended"),
+                };
+                not_waiting(how)
+            }
+        }
+    }
 }
+
+/// Where a call step's calls go: (participant, action, compensation, idempotency scope).
+pub type Route<'p> = (&'p str, &'p CallPlan, Option<&'p CallPlan>, String);
 
 fn check_in_flight(
     state: &StepState,

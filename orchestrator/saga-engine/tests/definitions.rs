@@ -61,7 +61,7 @@ fn order_placement_has_the_expected_shape() {
     let kinds: Vec<_> = plan
         .steps
         .iter()
-        .map(|s| (s.name.as_str(), s.kind, s.compensation.is_some()))
+        .map(|s| (s.name.as_str(), s.kind, s.has_compensation()))
         .collect();
     assert_eq!(
         kinds,
@@ -72,11 +72,12 @@ fn order_placement_has_the_expected_shape() {
         ]
     );
     assert_eq!(
-        plan.steps[0].action.method,
+        plan.steps[0].call().expect("call step").action.method,
         "payment.v1.Payment/AuthorizeCharge"
     );
-    assert_eq!(plan.steps[0].retry.max_attempts, 5);
-    assert_eq!(plan.steps[0].timeout.as_secs(), 2);
+    let first = plan.steps[0].call().expect("call step");
+    assert_eq!(first.retry.max_attempts, 5);
+    assert_eq!(first.timeout.as_secs(), 2);
 }
 
 #[test]
@@ -84,7 +85,7 @@ fn syntax_errors_name_their_line() {
     check(
         "name: t\nversion: 1\nparticipants: {}\nsteps:\n  - name: a\n    colour: red\n",
         &[
-            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, compensation, timeout, retry, compensation_retry, on_open, fallback, max_defer",
+            "test.yaml:6: unknown field `colour`, expected one of name, participant, kind, action, await, when, status, parallel, compensation, timeout, retry, compensation_retry, on_open, fallback, max_defer",
         ],
     );
 }
@@ -313,12 +314,15 @@ fn order_placement_defers_payment_when_its_breaker_is_open() {
     assert_eq!(breaker.minimum_calls, 10);
     assert_eq!(breaker.failure_rate, 50.0);
     assert_eq!(
-        plan.steps[0].on_open,
+        plan.steps[0].call().expect("call step").on_open,
         saga_engine::definition::OnOpen::Defer {
             max_wait: std::time::Duration::from_secs(300)
         }
     );
-    assert_eq!(plan.steps[1].on_open, saga_engine::definition::OnOpen::Fail);
+    assert_eq!(
+        plan.steps[1].call().expect("call step").on_open,
+        saga_engine::definition::OnOpen::Fail
+    );
 }
 
 #[test]

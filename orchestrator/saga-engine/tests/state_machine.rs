@@ -91,40 +91,8 @@ impl Sim {
             match self.saga.next(&self.plan, self.now) {
                 Next::Done => return self.saga.status(),
                 Next::Record(event) => self.record(event),
-                Next::Sleep { until_ms, .. } => {
-                    assert_eq!(
-                        self.saga.status() == SagaStatus::Waiting,
-                        !self.saga.compensating
-                    );
-                    self.now = until_ms;
-                }
-                Next::AwaitBreaker {
-                    step_index,
-                    until_ms,
-                    ..
-                } => {
-                    let expected = if self.saga.compensating {
-                        SagaStatus::Compensating
-                    } else {
-                        SagaStatus::Waiting
-                    };
-                    assert_eq!(self.saga.status(), expected);
-                    // The breaker lets a probe through after `breaker_wait`, unless the
-                    // deferral's deadline comes first.
-                    let ready_at = self.now + self.breaker_wait;
-                    match until_ms {
-                        Some(deadline) if deadline <= ready_at => self.now = deadline,
-                        _ => {
-                            self.now = ready_at;
-                            let event = self
-                                .saga
-                                .resume(&self.plan, step_index, self.now)
-                                .expect("deferred");
-                            self.record(event);
-                        }
-                    }
-                }
-                Next::Call(call) => {
+                Next::Wait(wait) if !wait.calls.is_empty() => {
+                    let call = wait.calls[0].clone();
                     self.calls.push((
                         call.step.clone(),
                         call.phase,
@@ -138,6 +106,36 @@ impl Sim {
                         .on_result(&self.plan, &call, result, self.now, 0.5)
                         .expect("in flight");
                     self.record(event);
+                }
+                Next::Wait(wait) if !wait.breakers.is_empty() => {
+                    let expected = if self.saga.compensating {
+                        SagaStatus::Compensating
+                    } else {
+                        SagaStatus::Waiting
+                    };
+                    assert_eq!(self.saga.status(), expected);
+                    let step_index = wait.breakers[0].0;
+                    // The breaker lets a probe through after `breaker_wait`, unless the
+                    // deferral's deadline comes first.
+                    let ready_at = self.now + self.breaker_wait;
+                    match wait.wake_at_ms {
+                        Some(deadline) if deadline <= ready_at => self.now = deadline,
+                        _ => {
+                            self.now = ready_at;
+                            let event = self
+                                .saga
+                                .resume(&self.plan, step_index, self.now)
+                                .expect("deferred");
+                            self.record(event);
+                        }
+                    }
+                }
+                Next::Wait(wait) => {
+                    assert_eq!(
+                        self.saga.status() == SagaStatus::Waiting,
+                        !self.saga.compensating
+                    );
+                    self.now = wait.wake_at_ms.expect("a wait with nothing to wait for");
                 }
             }
         }
@@ -271,7 +269,7 @@ fn exhausted_retries_compensate() {
         .count();
     assert_eq!(
         store_attempts,
-        sim.plan.steps[1].retry.max_attempts as usize
+        sim.plan.steps[1].call().expect("call step").retry.max_attempts as usize
     );
     assert_eq!(sim.compensations(), ["submit_order", "authorize_payment"]);
 }
@@ -299,7 +297,8 @@ fn cancel_before_the_pivot_compensates_and_after_it_is_refused() {
     while sim.saga.steps[0].status != saga_engine::StepStatus::Succeeded {
         match sim.saga.next(&sim.plan, sim.now) {
             Next::Record(e) => sim.record(e),
-            Next::Call(call) => {
+            Next::Wait(wait) if !wait.calls.is_empty() => {
+                let call = wait.calls[0].clone();
                 let e = sim
                     .saga
                     .on_result(&sim.plan, &call, Ok(json!({})), sim.now, 0.0)
@@ -446,9 +445,12 @@ proptest! {
             match sim.saga.next(&sim.plan, sim.now) {
                 Next::Done => break sim.saga.status(),
                 Next::Record(event) => sim.record(event),
-                Next::Sleep { until_ms, .. } => sim.now = until_ms,
-                Next::AwaitBreaker { .. } => prop_assert!(false, "no breaker rejections here"),
-                Next::Call(call) => {
+                Next::Wait(wait) if wait.calls.is_empty() => {
+                    prop_assert!(wait.breakers.is_empty(), "no breaker rejections here");
+                    sim.now = wait.wake_at_ms.expect("something to wait for");
+                }
+                Next::Wait(wait) => {
+                    let call = wait.calls[0].clone();
                     sim.calls.push((call.step.clone(), call.phase, call.attempt, call.idempotency_key.clone()));
                     // Compensations never fail for good here, so the saga never ends FAILED
                     // unless they keep failing transiently past their cap.
@@ -486,7 +488,7 @@ proptest! {
                 let expected: Vec<String> = attempted
                     .iter()
                     .rev()
-                    .filter(|i| sim.plan.steps[**i].compensation.is_some())
+                    .filter(|i| sim.plan.steps[**i].has_compensation())
                     .map(|i| sim.plan.steps[*i].name.clone())
                     .collect();
                 prop_assert_eq!(compensated, expected);
@@ -569,7 +571,9 @@ fn a_deferral_past_its_maximum_fails_the_step_and_compensates() {
 #[test]
 fn on_open_fail_compensates_at_once_and_compensations_always_wait() {
     let mut sim = Sim::new();
-    sim.plan.steps[1].on_open = saga_engine::definition::OnOpen::Fail;
+    if let saga_engine::definition::StepBody::Call(call) = &mut sim.plan.steps[1].body {
+        call.on_open = saga_engine::definition::OnOpen::Fail;
+    }
     let mut comp_rejections = 3;
     let status = sim.run(|step, phase, _| match (step, phase) {
         ("submit_order", Phase::Action) => Err(open_breaker()),

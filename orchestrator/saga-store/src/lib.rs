@@ -8,10 +8,18 @@
 //!   batches and makes each batch durable with a single flush (group commit). After a
 //!   failed write or flush the store refuses every later write: nothing is acknowledged
 //!   after a failed flush.
+//! - Listing: [`SagaStore::list`] serves every [`ListFilter`] (status, definition, creation
+//!   time, any combination) from one contiguous range of one index, newest first, and reads
+//!   only the summaries it returns. Pages continue from an opaque [`page_token`].
+//! - The change feed: every change of a saga's status or business status, in commit order,
+//!   numbered 1, 2, 3, ... with no gaps ([`Change`], [`SagaStore::changes`],
+//!   [`SagaStore::watch_changes`]). It is written in the same transaction as the summary,
+//!   so it survives restarts with nothing lost or repeated.
 //!
 //! Durability: a write is durable when its [`Pending`] resolves to `Ok`; a write whose
 //! `Pending` resolved to `Err` may or may not be on disk, and the caller must not
-//! acknowledge it.
+//! acknowledge it. A change is returned by [`SagaStore::changes`] only once the flush that
+//! made it durable has completed.
 
 mod pending;
 pub mod sled_store;
@@ -37,7 +45,7 @@ pub use sled_store::SledStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Faults of the store itself, never business outcomes.
+/// Faults of the store itself (and requests it cannot read), never business outcomes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// A write or flush failed; the store accepts no more writes until it is reopened.
@@ -61,6 +69,9 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    /// A page token that [`page_token`] did not make.
+    #[error("invalid page token {0:?}: it is not a page token from this API")]
+    InvalidToken(String),
 }
 
 /// What the store keeps about a saga besides its events: enough to list and recover it.
@@ -70,6 +81,11 @@ pub struct Summary {
     pub definition: String,
     pub version: u32,
     pub status: SagaStatus,
+    /// The customer-facing status text the runtime computes ("waiting for the store",
+    /// "cooking", ...). The store only keeps it; records written before it existed read as
+    /// empty.
+    #[serde(default)]
+    pub business_status: String,
     pub idempotency_key: String,
     /// A digest of (definition, version, input) that the idempotency key was first used
     /// with, to refuse reuse of a key for a different request.
@@ -118,11 +134,49 @@ pub struct StoredDefinition {
     pub descriptors: BTreeMap<String, Vec<u8>>,
 }
 
-/// Filters for [`SagaStore::list`].
+/// Filters for [`SagaStore::list`]; every combination is served from one index range.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub status: Option<SagaStatus>,
     pub definition: Option<String>,
+    /// Created at or after this time (ms since the epoch).
+    pub created_from_ms: Option<u64>,
+    /// Created strictly before this time.
+    pub created_to_ms: Option<u64>,
+}
+
+/// The token that continues a [`SagaStore::list`] after `summary` (the last one of a page).
+/// Opaque to callers; valid for any filter.
+pub fn page_token(summary: &Summary) -> String {
+    format!("{}.{}", summary.created_at_ms, summary.saga_id)
+}
+
+/// The (created_at_ms, saga id) a [`page_token`] names.
+pub(crate) fn parse_page_token(token: &str) -> Result<(u64, &str)> {
+    let invalid = || StoreError::InvalidToken(token.to_owned());
+    let (created, saga_id) = token.split_once('.').ok_or_else(invalid)?;
+    if created.is_empty() || !created.bytes().all(|b| b.is_ascii_digit()) || saga_id.is_empty()
+    {
+        return Err(invalid());
+    }
+    let created = created.parse().map_err(|_| invalid())?;
+    Ok((created, saga_id))
+}
+
+/// One change of a saga's status or business status, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Position in the feed: 1, 2, 3, ... with no gaps, in the order the changes became durable.
+    pub cursor: u64,
+    pub saga_id: String,
+    pub definition: String,
+    pub version: u32,
+    pub status: SagaStatus,
+    pub business_status: String,
+    /// `seq` of the saga's last event when the change happened.
+    pub seq: u64,
+    /// The summary's `updated_at_ms`.
+    pub at_ms: u64,
 }
 
 /// Counters that show how writes were batched.
@@ -134,6 +188,10 @@ pub struct StoreStats {
     pub writes: u64,
     /// Events appended.
     pub events: u64,
+    /// Summaries read by [`SagaStore::list`].
+    pub summaries_read: u64,
+    /// Index entries visited by [`SagaStore::list`].
+    pub index_entries_scanned: u64,
 }
 
 /// The storage the runtime depends on.
@@ -148,7 +206,9 @@ pub trait SagaStore: Send + Sync + 'static {
     /// The saga's whole event log, `None` if there is no such saga.
     fn events(&self, saga_id: &str) -> Result<Option<Vec<Event>>>;
     fn summary(&self, saga_id: &str) -> Result<Option<Summary>>;
-    /// Newest first, starting after `after` (a saga id from the previous page).
+    /// At most `limit` sagas matching `filter`, newest first (by creation time, then saga
+    /// id), starting strictly after `after`: a [`page_token`] of the previous page's last
+    /// summary. A token that does not parse is [`StoreError::InvalidToken`].
     fn list(&self, filter: &ListFilter, after: Option<&str>, limit: usize) -> Result<Vec<Summary>>;
     /// Every saga not in a terminal status, for recovery.
     fn unfinished(&self) -> Result<Vec<Summary>>;
@@ -157,6 +217,13 @@ pub trait SagaStore: Send + Sync + 'static {
     fn summaries(&self) -> Result<Vec<Summary>>;
     /// Every entry of the status index, as (status, saga id), for checks.
     fn status_index(&self) -> Result<Vec<(SagaStatus, String)>>;
+
+    /// Changes with `cursor > after`, oldest first, at most `limit`. Only durable changes
+    /// are returned (those whose batch was flushed).
+    fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>>;
+    /// The cursor of the last durable change; the receiver is notified after every flush
+    /// that made new changes durable.
+    fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// `Err` with the cause once a storage fault has stopped writes.
     fn health(&self) -> Result<()>;

@@ -4,8 +4,19 @@
 //! - `events`: `saga_id 0x00 seq(u64 BE)` → event JSON: the truth.
 //! - `sagas`: `saga_id` → [`Summary`] JSON: the snapshot that serves reads and recovery.
 //! - `idempotency`: StartSaga idempotency key → saga id.
-//! - `by_status`: `status(u8) saga_id` → empty: the index behind status filters and recovery.
-//! - `by_definition`: `definition 0x00 saga_id` → empty.
+//! - The indexes, each key → empty. There is one per combination of [`ListFilter`] fields
+//!   other than time, and every key ends in `created_at_ms(u64 BE) saga_id`, so that every
+//!   filter, time bounds included, is one contiguous key range walked backwards for newest
+//!   first:
+//!   - `by_created`: `created_at_ms saga_id`: no filter, or time bounds only.
+//!   - `by_status`: `status(u8) created_at_ms saga_id`: status filters, and recovery.
+//!   - `by_definition`: `definition 0x00 created_at_ms saga_id`.
+//!   - `by_status_definition`: `status(u8) definition 0x00 created_at_ms saga_id`.
+//!
+//!   A saga's four entries are derived from its summary alone and written in the same
+//!   transaction as it (create inserts them, append moves those whose key changed).
+//! - `changes`: `cursor(u64 BE)` → [`Change`] JSON: the feed of status and business-status
+//!   changes, cursors 1, 2, 3, ... with no gaps.
 //! - `definitions`: `name 0x00 version(u32 BE)` → YAML text.
 //! - `definition_descriptors`: `name 0x00 version(u32 BE) participant` → encoded
 //!   `FileDescriptorSet` the version was compiled against.
@@ -13,9 +24,22 @@
 //!
 //! Every write goes to one writer thread. It takes every write queued at that moment
 //! (up to [`MAX_BATCH`]), applies each in its own sled transaction, flushes once, and only
-//! then answers them all. Saga ids are UUIDv7 strings, so key order is creation order.
+//! then answers them all.
+//!
+//! The writer, being the only writer, also numbers the change feed: it holds the next
+//! cursor, and a cursor is taken only by a transaction that committed. After each flush it
+//! publishes the batch's highest cursor on a watch channel, before answering anyone;
+//! [`SagaStore::changes`] reads no further than the published cursor, so it never returns
+//! a change whose flush has not completed.
+//!
+//! Format history: version 1 had `by_status` = `status saga_id` and `by_definition` =
+//! `definition 0x00 saga_id`, and no `by_created`, `by_status_definition` or `changes`.
+//! Opening a version-1 directory rebuilds the four indexes from `sagas`, flushes, and only
+//! then records version 2 (a crash in between rebuilds again at the next open). Its change
+//! feed starts empty: nothing is made up for changes that happened before.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,11 +47,11 @@ use std::sync::{Arc, Mutex};
 use saga_engine::{Event, SagaStatus};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore, StoreError,
-    StoreStats, StoredDefinition, Summary,
+    Change, Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore,
+    StoreError, StoreStats, StoredDefinition, Summary, parse_page_token,
 };
 
 /// The most writes made durable by one flush.
@@ -35,7 +59,7 @@ pub const MAX_BATCH: usize = 4096;
 
 /// The storage format this code writes and reads. A directory with a higher version is
 /// refused rather than misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
 
 #[derive(Clone)]
@@ -43,8 +67,11 @@ struct Trees {
     events: Tree,
     sagas: Tree,
     idempotency: Tree,
+    by_created: Tree,
     by_status: Tree,
     by_definition: Tree,
+    by_status_definition: Tree,
+    changes: Tree,
     definitions: Tree,
     definition_descriptors: Tree,
 }
@@ -83,6 +110,10 @@ struct Shared {
     flushes: AtomicU64,
     writes: AtomicU64,
     events: AtomicU64,
+    summaries_read: AtomicU64,
+    index_entries_scanned: AtomicU64,
+    /// The cursor of the last durable change: set by the writer after each flush.
+    durable_cursor: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -163,17 +194,108 @@ fn event_key(saga_id: &str, seq: u64) -> Vec<u8> {
     key
 }
 
-fn status_key(status: SagaStatus, saga_id: &str) -> Vec<u8> {
-    let mut key = vec![status_byte(status)];
+fn status_from_byte(byte: u8) -> Option<SagaStatus> {
+    SagaStatus::ALL
+        .into_iter()
+        .find(|s| status_byte(*s) == byte)
+}
+
+/// The part of an index key before the position: what a filter fixes.
+fn status_prefix(status: SagaStatus) -> Vec<u8> {
+    vec![status_byte(status)]
+}
+
+fn definition_prefix(definition: &str) -> Vec<u8> {
+    let mut key = definition.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn status_definition_prefix(status: SagaStatus, definition: &str) -> Vec<u8> {
+    let mut key = status_prefix(status);
+    key.extend_from_slice(&definition_prefix(definition));
+    key
+}
+
+/// `prefix created_at_ms(u64 BE)`: where a saga created at `created_at_ms` starts.
+fn time_key(prefix: &[u8], created_at_ms: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 8);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&created_at_ms.to_be_bytes());
+    key
+}
+
+/// `prefix created_at_ms(u64 BE) saga_id`: an index entry.
+fn index_key(prefix: &[u8], created_at_ms: u64, saga_id: &str) -> Vec<u8> {
+    let mut key = time_key(prefix, created_at_ms);
     key.extend_from_slice(saga_id.as_bytes());
     key
 }
 
-fn definition_index_key(definition: &str, saga_id: &str) -> Vec<u8> {
-    let mut key = definition.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(saga_id.as_bytes());
-    key
+/// The (created_at_ms, saga id) of an index entry whose prefix is `prefix_len` bytes.
+fn split_index_key(key: &[u8], prefix_len: usize) -> Result<(u64, String)> {
+    let corrupt = |cause: &str| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        cause: cause.to_owned(),
+    };
+    let time = key
+        .get(prefix_len..prefix_len + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .ok_or_else(|| corrupt("index key too short for a creation time"))?;
+    let saga_id = std::str::from_utf8(&key[prefix_len + 8..])
+        .map_err(|_| corrupt("index key with a saga id that is not UTF-8"))?;
+    Ok((u64::from_be_bytes(time), saga_id.to_owned()))
+}
+
+/// The least key greater than every key that starts with `prefix`; `None` if there is none
+/// (the range is unbounded above).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A saga's entries in the four indexes, all derived from its summary.
+struct IndexKeys {
+    by_created: Vec<u8>,
+    by_status: Vec<u8>,
+    by_definition: Vec<u8>,
+    by_status_definition: Vec<u8>,
+}
+
+impl IndexKeys {
+    fn of(s: &Summary) -> IndexKeys {
+        let key = |prefix: Vec<u8>| index_key(&prefix, s.created_at_ms, &s.saga_id);
+        IndexKeys {
+            by_created: key(Vec::new()),
+            by_status: key(status_prefix(s.status)),
+            by_definition: key(definition_prefix(&s.definition)),
+            by_status_definition: key(status_definition_prefix(s.status, &s.definition)),
+        }
+    }
+}
+
+fn change_key(cursor: u64) -> [u8; 8] {
+    cursor.to_be_bytes()
+}
+
+/// The change a summary records, numbered `cursor`.
+fn change_of(summary: &Summary, cursor: u64) -> Change {
+    Change {
+        cursor,
+        saga_id: summary.saga_id.clone(),
+        definition: summary.definition.clone(),
+        version: summary.version,
+        status: summary.status,
+        business_status: summary.business_status.clone(),
+        seq: summary.last_seq,
+        at_ms: summary.updated_at_ms,
+    }
 }
 
 fn definition_key(name: &str, version: u32) -> Vec<u8> {
@@ -239,54 +361,134 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
     }
 }
 
+/// Makes everything written so far durable: sled's flush, then an fdatasync of its data
+/// file. On Linux sled 0.34 ends a flush with `sync_file_range`, which survives a crash of
+/// the process but neither flushes the drive's volatile cache nor the file's metadata; the
+/// fdatasync makes an acknowledged write survive a power loss too.
+fn sync_to_disk(db: &sled::Db, data_file: &std::fs::File) -> Result<()> {
+    db.flush().map_err(|e| fault(format!("flush failed: {e}")))?;
+    data_file
+        .sync_data()
+        .map_err(|e| fault(format!("flush failed: fdatasync: {e}")))
+}
+
+/// Empties the four indexes and fills them again from `sagas`; returns how many sagas
+/// there are. Not atomic: the caller records the format only after it and a flush.
+fn rebuild_indexes(t: &Trees) -> Result<u64> {
+    let indexes = [
+        &t.by_created,
+        &t.by_status,
+        &t.by_definition,
+        &t.by_status_definition,
+    ];
+    for index in indexes {
+        index.clear().map_err(fault)?;
+    }
+    let mut sagas = 0;
+    for item in t.sagas.iter() {
+        let (key, value) = item.map_err(fault)?;
+        let summary: Summary = from_json(&key, &value)?;
+        let keys = IndexKeys::of(&summary);
+        let entries = [
+            keys.by_created,
+            keys.by_status,
+            keys.by_definition,
+            keys.by_status_definition,
+        ];
+        for (index, entry) in indexes.into_iter().zip(entries) {
+            index.insert(entry, &[]).map_err(fault)?;
+        }
+        sagas += 1;
+    }
+    Ok(sagas)
+}
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir` and starts its writer thread.
+    /// Opens (or creates) the store in `dir` and starts its writer thread. A directory of
+    /// an older format is brought up to [`FORMAT_VERSION`] (and flushed) first; one of a
+    /// newer format is refused.
     pub fn open(dir: &Path) -> Result<SledStore> {
         let db = open_db(dir)?;
         let open = |name: &str| db.open_tree(name).map_err(fault);
         let meta = open("meta")?;
-        match meta.get(FORMAT_KEY).map_err(fault)? {
-            Some(bytes) => {
-                let found = <[u8; 4]>::try_from(bytes.as_ref())
+        let found = match meta.get(FORMAT_KEY).map_err(fault)? {
+            Some(bytes) => Some(
+                <[u8; 4]>::try_from(bytes.as_ref())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Corrupt {
                         key: "meta/format_version".into(),
                         cause: "not a 4-byte version".into(),
-                    })?;
-                if found > FORMAT_VERSION {
-                    return Err(StoreError::NewerFormat {
-                        dir: dir.display().to_string(),
-                        found,
-                        supported: FORMAT_VERSION,
-                    });
-                }
-            }
-            None => {
-                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(fault)?;
-                db.flush().map_err(fault)?;
-            }
+                    })?,
+            ),
+            None => None,
+        };
+        if let Some(found) = found
+            && found > FORMAT_VERSION
+        {
+            return Err(StoreError::NewerFormat {
+                dir: dir.display().to_string(),
+                found,
+                supported: FORMAT_VERSION,
+            });
         }
         let trees = Trees {
             events: open("events")?,
             sagas: open("sagas")?,
             idempotency: open("idempotency")?,
+            by_created: open("by_created")?,
             by_status: open("by_status")?,
             by_definition: open("by_definition")?,
+            by_status_definition: open("by_status_definition")?,
+            changes: open("changes")?,
             definitions: open("definitions")?,
             definition_descriptors: open("definition_descriptors")?,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::default());
-        let faults = Arc::new(FaultInjection::default());
         let data_file = std::fs::File::open(dir.join("db"))
             .map_err(|e| fault(format!("cannot open {}/db to sync it: {e}", dir.display())))?;
+        // No format key but sagas: written before the key existed, by format 1.
+        let older = match found {
+            Some(found) => found < FORMAT_VERSION,
+            None => !trees.sagas.is_empty(),
+        };
+        if older {
+            let sagas = rebuild_indexes(&trees)?;
+            // The indexes are durable before the version says they are there.
+            sync_to_disk(&db, &data_file)?;
+            tracing::info!(
+                dir = %dir.display(),
+                from = found.unwrap_or(1),
+                to = FORMAT_VERSION,
+                sagas,
+                "storage format upgraded: indexes rebuilt"
+            );
+        }
+        if found != Some(FORMAT_VERSION) {
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(fault)?;
+            sync_to_disk(&db, &data_file)?;
+        }
+        let last_cursor = match trees.changes.last().map_err(fault)? {
+            Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    cause: "change key is not an 8-byte cursor".into(),
+                })?,
+            None => 0,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            durable_cursor: watch::Sender::new(last_cursor),
+            ..Shared::default()
+        });
+        let faults = Arc::new(FaultInjection::default());
         let writer = Writer {
             data_file,
             db: db.clone(),
             trees: trees.clone(),
             shared: shared.clone(),
             faults: faults.clone(),
+            next_cursor: last_cursor + 1,
         };
         let writer = std::thread::Builder::new()
             .name("saga-store-writer".into())
@@ -336,23 +538,18 @@ struct Writer {
     trees: Trees,
     shared: Arc<Shared>,
     faults: Arc<FaultInjection>,
+    /// The cursor the next change will take. Advanced only after the transaction that
+    /// wrote it committed, so cursors have no gaps.
+    next_cursor: u64,
 }
 
 impl Writer {
-    /// Makes everything written so far durable: sled's flush, then an fdatasync of its data
-    /// file. On Linux sled 0.34 ends a flush with `sync_file_range`, which survives a crash
-    /// of the process but neither flushes the drive's volatile cache nor the file's metadata;
-    /// the fdatasync makes an acknowledged write survive a power loss too.
+    /// Makes everything written so far durable (see [`sync_to_disk`]).
     fn sync(&self) -> Result<()> {
-        self.db
-            .flush()
-            .map_err(|e| fault(format!("flush failed: {e}")))?;
-        self.data_file
-            .sync_data()
-            .map_err(|e| fault(format!("flush failed: fdatasync: {e}")))
+        sync_to_disk(&self.db, &self.data_file)
     }
 
-    fn run(self, mut rx: mpsc::UnboundedReceiver<Op>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut batch = Vec::new();
         while let Some(op) = rx.blocking_recv() {
             batch.push(op);
@@ -366,7 +563,7 @@ impl Writer {
         }
     }
 
-    fn commit(&self, batch: Vec<Op>) {
+    fn commit(&mut self, batch: Vec<Op>) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut failed: Option<StoreError> = self.shared.fault().map(StoreError::Fault);
         let mut events = 0u64;
@@ -374,6 +571,8 @@ impl Writer {
         // idempotent create, an unchanged definition) needs no flush: everything it read was
         // flushed by an earlier batch before anyone was answered.
         let mut wrote = false;
+        // The highest cursor this batch wrote, published once the batch is flushed.
+        let mut last_cursor = None;
         for (index, op) in batch.into_iter().enumerate() {
             if index > 0 {
                 // Crash point: between two writes of one batch, nothing flushed yet.
@@ -395,14 +594,25 @@ impl Writer {
             }
             let is_fault = match op {
                 Op::Create(new, tx) => {
-                    let (r, is_fault) = tx_result(self.create(&new));
+                    let cursor = self.next_cursor;
+                    let (r, is_fault) = tx_result(self.create(&new, cursor));
+                    if matches!(r, Ok(Created::New)) {
+                        last_cursor = Some(cursor);
+                        self.next_cursor += 1;
+                    }
                     wrote |= matches!(r, Ok(Created::New)) || is_fault;
                     replies.push(Reply::Create(tx, r.clone()));
                     if is_fault { r.err() } else { None }
                 }
                 Op::Append(new_events, summary, tx) => {
                     let count = new_events.len() as u64;
-                    let (r, is_fault) = tx_result(self.append(&new_events, &summary));
+                    let cursor = self.next_cursor;
+                    let (r, is_fault) = tx_result(self.append(&new_events, &summary, cursor));
+                    if matches!(r, Ok(true)) {
+                        last_cursor = Some(cursor);
+                        self.next_cursor += 1;
+                    }
+                    let r = r.map(|_changed| ());
                     wrote |= r.is_ok() || is_fault;
                     if r.is_ok() {
                         events += count;
@@ -437,8 +647,15 @@ impl Writer {
                 None => self.sync(),
             };
             self.shared.flushes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = flushed {
-                failed = Some(e);
+            match flushed {
+                Ok(()) => {
+                    if let Some(cursor) = last_cursor {
+                        // Before anyone is answered: a caller whose write resolved finds
+                        // its change in the feed.
+                        self.shared.durable_cursor.send_replace(cursor);
+                    }
+                }
+                Err(e) => failed = Some(e),
             }
         }
         if let Some(StoreError::Fault(cause)) = &failed {
@@ -456,99 +673,175 @@ impl Writer {
         }
     }
 
-    fn create(&self, new: &NewSaga) -> std::result::Result<Created, TransactionError<StoreError>> {
+    /// Writes a new saga, with its change numbered `cursor`, unless its idempotency key
+    /// already names one.
+    fn create(
+        &self,
+        new: &NewSaga,
+        cursor: u64,
+    ) -> std::result::Result<Created, TransactionError<StoreError>> {
         let t = &self.trees;
         let summary_json = to_json(&new.summary).map_err(TransactionError::Abort)?;
         let event_json = to_json(&new.first_event).map_err(TransactionError::Abort)?;
+        let change_json =
+            to_json(&change_of(&new.summary, cursor)).map_err(TransactionError::Abort)?;
+        let keys = IndexKeys::of(&new.summary);
         let id = new.summary.saga_id.as_str();
         (
             &t.idempotency,
             &t.sagas,
             &t.events,
+            &t.by_created,
             &t.by_status,
             &t.by_definition,
+            &t.by_status_definition,
+            &t.changes,
         )
-            .transaction(|(idempotency, sagas, events, by_status, by_definition)| {
-                let key = new.summary.idempotency_key.as_bytes();
-                if let Some(existing) = idempotency.get(key)? {
-                    return match sagas.get(&existing)? {
-                        Some(bytes) => match from_json::<Summary>(&existing, &bytes) {
-                            Ok(summary) => Ok(Created::Existing(summary)),
-                            Err(e) => abort(e),
-                        },
-                        None => abort(StoreError::Corrupt {
-                            key: String::from_utf8_lossy(key).into_owned(),
-                            cause: "idempotency key names a saga that does not exist".into(),
-                        }),
-                    };
-                }
-                idempotency.insert(key, id.as_bytes())?;
-                sagas.insert(id.as_bytes(), summary_json.as_slice())?;
-                events.insert(event_key(id, new.first_event.seq), event_json.as_slice())?;
-                by_status.insert(status_key(new.summary.status, id), &[])?;
-                by_definition.insert(definition_index_key(&new.summary.definition, id), &[])?;
-                Ok(Created::New)
-            })
+            .transaction(
+                |(
+                    idempotency,
+                    sagas,
+                    events,
+                    by_created,
+                    by_status,
+                    by_definition,
+                    by_status_definition,
+                    changes,
+                )| {
+                    let key = new.summary.idempotency_key.as_bytes();
+                    if let Some(existing) = idempotency.get(key)? {
+                        return match sagas.get(&existing)? {
+                            Some(bytes) => match from_json::<Summary>(&existing, &bytes) {
+                                Ok(summary) => Ok(Created::Existing(summary)),
+                                Err(e) => abort(e),
+                            },
+                            None => abort(StoreError::Corrupt {
+                                key: String::from_utf8_lossy(key).into_owned(),
+                                cause: "idempotency key names a saga that does not exist"
+                                    .into(),
+                            }),
+                        };
+                    }
+                    idempotency.insert(key, id.as_bytes())?;
+                    sagas.insert(id.as_bytes(), summary_json.as_slice())?;
+                    events.insert(event_key(id, new.first_event.seq), event_json.as_slice())?;
+                    by_created.insert(keys.by_created.as_slice(), &[])?;
+                    by_status.insert(keys.by_status.as_slice(), &[])?;
+                    by_definition.insert(keys.by_definition.as_slice(), &[])?;
+                    by_status_definition.insert(keys.by_status_definition.as_slice(), &[])?;
+                    changes.insert(&change_key(cursor), change_json.as_slice())?;
+                    Ok(Created::New)
+                },
+            )
     }
 
+    /// Appends events and replaces the summary; writes a change numbered `cursor` when
+    /// the status or business status changed, and says whether it did.
     fn append(
         &self,
         new_events: &[Event],
         summary: &Summary,
-    ) -> std::result::Result<(), TransactionError<StoreError>> {
+        cursor: u64,
+    ) -> std::result::Result<bool, TransactionError<StoreError>> {
         let t = &self.trees;
         let id = summary.saga_id.as_str();
         let summary_json = to_json(summary).map_err(TransactionError::Abort)?;
+        let change_json = to_json(&change_of(summary, cursor)).map_err(TransactionError::Abort)?;
+        let new_keys = IndexKeys::of(summary);
         let encoded: Vec<(Vec<u8>, Vec<u8>)> = new_events
             .iter()
             .map(|e| Ok((event_key(id, e.seq), to_json(e)?)))
             .collect::<Result<_>>()
             .map_err(TransactionError::Abort)?;
-        (&t.sagas, &t.events, &t.by_status).transaction(
-            |(sagas, events, by_status): &(
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-            )| {
-                let Some(old) = sagas.get(id.as_bytes())? else {
-                    return abort(StoreError::Corrupt {
-                        key: id.to_owned(),
-                        cause: "append to a saga that does not exist".into(),
-                    });
-                };
-                let old: Summary = match from_json(id.as_bytes(), &old) {
-                    Ok(s) => s,
-                    Err(e) => return abort(e),
-                };
-                let first = new_events.first().map_or(old.last_seq + 1, |e| e.seq);
-                if first != old.last_seq + 1
-                    || summary.last_seq != old.last_seq + new_events.len() as u64
-                {
-                    return abort(StoreError::Corrupt {
-                        key: id.to_owned(),
-                        cause: format!(
-                            "append of seq {first} does not follow seq {}",
-                            old.last_seq
-                        ),
-                    });
-                }
-                if old.status.is_terminal() {
-                    return abort(StoreError::Corrupt {
-                        key: id.to_owned(),
-                        cause: format!("append to a saga that is already {}", old.status.as_str()),
-                    });
-                }
-                for (key, value) in &encoded {
-                    events.insert(key.as_slice(), value.as_slice())?;
-                }
-                sagas.insert(id.as_bytes(), summary_json.as_slice())?;
-                if old.status != summary.status {
-                    by_status.remove(status_key(old.status, id))?;
-                    by_status.insert(status_key(summary.status, id), &[])?;
-                }
-                Ok(())
-            },
+        (
+            &t.sagas,
+            &t.events,
+            &t.by_created,
+            &t.by_status,
+            &t.by_definition,
+            &t.by_status_definition,
+            &t.changes,
         )
+            .transaction(
+                |(
+                    sagas,
+                    events,
+                    by_created,
+                    by_status,
+                    by_definition,
+                    by_status_definition,
+                    changes,
+                ): &(
+                    TransactionalTree,
+                    TransactionalTree,
+                    TransactionalTree,
+                    TransactionalTree,
+                    TransactionalTree,
+                    TransactionalTree,
+                    TransactionalTree,
+                )| {
+                    let Some(old) = sagas.get(id.as_bytes())? else {
+                        return abort(StoreError::Corrupt {
+                            key: id.to_owned(),
+                            cause: "append to a saga that does not exist".into(),
+                        });
+                    };
+                    let old: Summary = match from_json(id.as_bytes(), &old) {
+                        Ok(s) => s,
+                        Err(e) => return abort(e),
+                    };
+                    let first = new_events.first().map_or(old.last_seq + 1, |e| e.seq);
+                    if first != old.last_seq + 1
+                        || summary.last_seq != old.last_seq + new_events.len() as u64
+                    {
+                        return abort(StoreError::Corrupt {
+                            key: id.to_owned(),
+                            cause: format!(
+                                "append of seq {first} does not follow seq {}",
+                                old.last_seq
+                            ),
+                        });
+                    }
+                    if old.status.is_terminal() {
+                        return abort(StoreError::Corrupt {
+                            key: id.to_owned(),
+                            cause: format!(
+                                "append to a saga that is already {}",
+                                old.status.as_str()
+                            ),
+                        });
+                    }
+                    for (key, value) in &encoded {
+                        events.insert(key.as_slice(), value.as_slice())?;
+                    }
+                    sagas.insert(id.as_bytes(), summary_json.as_slice())?;
+                    // Usually only the status moves; the indexes follow whatever the
+                    // summary says, so they never disagree with it.
+                    let old_keys = IndexKeys::of(&old);
+                    let moves = [
+                        (by_created, &old_keys.by_created, &new_keys.by_created),
+                        (by_status, &old_keys.by_status, &new_keys.by_status),
+                        (by_definition, &old_keys.by_definition, &new_keys.by_definition),
+                        (
+                            by_status_definition,
+                            &old_keys.by_status_definition,
+                            &new_keys.by_status_definition,
+                        ),
+                    ];
+                    for (index, old_key, new_key) in moves {
+                        if old_key != new_key {
+                            index.remove(old_key.as_slice())?;
+                            index.insert(new_key.as_slice(), &[])?;
+                        }
+                    }
+                    let changed = (old.status, &old.business_status)
+                        != (summary.status, &summary.business_status);
+                    if changed {
+                        changes.insert(&change_key(cursor), change_json.as_slice())?;
+                    }
+                    Ok(changed)
+                },
+            )
     }
 
     fn put_definition(
@@ -616,40 +909,65 @@ impl SagaStore for SledStore {
     }
 
     fn list(&self, filter: &ListFilter, after: Option<&str>, limit: usize) -> Result<Vec<Summary>> {
-        // Pick the narrowest index, walk it newest first, check the other filter.
-        let (tree, prefix): (&Tree, Vec<u8>) = match (&filter.status, &filter.definition) {
-            (Some(status), _) => (&self.inner.trees.by_status, vec![status_byte(*status)]),
-            (None, Some(definition)) => (
-                &self.inner.trees.by_definition,
-                definition_index_key(definition, ""),
+        let after = after.map(parse_page_token).transpose()?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The one index whose prefix fixes exactly the filter's status and definition.
+        let t = &self.inner.trees;
+        let (tree, prefix) = match (filter.status, filter.definition.as_deref()) {
+            (Some(status), Some(definition)) => (
+                &t.by_status_definition,
+                status_definition_prefix(status, definition),
             ),
-            (None, None) => (&self.inner.trees.sagas, Vec::new()),
+            (Some(status), None) => (&t.by_status, status_prefix(status)),
+            (None, Some(definition)) => (&t.by_definition, definition_prefix(definition)),
+            (None, None) => (&t.by_created, Vec::new()),
         };
-        let end = match after {
-            Some(after) => {
-                let mut key = prefix.clone();
-                key.extend_from_slice(after.as_bytes());
-                key
-            }
-            None => {
-                let mut key = prefix.clone();
-                key.push(0xff);
-                key
-            }
-        };
+        // Within it, the time bounds and the page token make one range.
+        let lower = time_key(&prefix, filter.created_from_ms.unwrap_or(0));
+        let mut upper = prefix_end(&prefix);
+        let ends = [
+            filter.created_to_ms.map(|to| time_key(&prefix, to)),
+            after.map(|(created, saga_id)| index_key(&prefix, created, saga_id)),
+        ];
+        for end in ends.into_iter().flatten() {
+            upper = Some(match upper {
+                Some(upper) => upper.min(end),
+                None => end,
+            });
+        }
+        if upper.as_ref().is_some_and(|upper| *upper <= lower) {
+            return Ok(Vec::new());
+        }
+        let range = (
+            Bound::Included(lower),
+            upper.map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let shared = &self.inner.shared;
         let mut out = Vec::new();
-        for item in tree.range(prefix.clone()..end).rev() {
+        for item in tree.range(range).rev() {
             let (key, _) = item.map_err(fault)?;
-            let saga_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            shared.index_entries_scanned.fetch_add(1, Ordering::Relaxed);
+            let (_, saga_id) = split_index_key(&key, prefix.len())?;
+            shared.summaries_read.fetch_add(1, Ordering::Relaxed);
             let Some(summary) = self.summary(&saga_id)? else {
                 continue;
             };
-            if filter.status.is_some_and(|s| s != summary.status)
-                || filter
+            // Reads are not isolated from the writer: an append may have moved this saga
+            // since its entry was read. Its summary is the truth.
+            let matches = filter.status.is_none_or(|s| s == summary.status)
+                && filter
                     .definition
                     .as_ref()
-                    .is_some_and(|d| d != &summary.definition)
-            {
+                    .is_none_or(|d| *d == summary.definition)
+                && filter
+                    .created_from_ms
+                    .is_none_or(|from| summary.created_at_ms >= from)
+                && filter
+                    .created_to_ms
+                    .is_none_or(|to| summary.created_at_ms < to);
+            if !matches {
                 continue;
             }
             out.push(summary);
@@ -663,14 +981,10 @@ impl SagaStore for SledStore {
     fn unfinished(&self) -> Result<Vec<Summary>> {
         let mut out = Vec::new();
         for status in SagaStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
-            for item in self
-                .inner
-                .trees
-                .by_status
-                .scan_prefix([status_byte(status)])
-            {
+            let prefix = status_prefix(status);
+            for item in self.inner.trees.by_status.scan_prefix(&prefix) {
                 let (key, _) = item.map_err(fault)?;
-                let saga_id = String::from_utf8_lossy(&key[1..]).into_owned();
+                let (_, saga_id) = split_index_key(&key, prefix.len())?;
                 if let Some(summary) = self.summary(&saga_id)? {
                     out.push(summary);
                 }
@@ -719,16 +1033,40 @@ impl SagaStore for SledStore {
         let mut out = Vec::new();
         for item in self.inner.trees.by_status.iter() {
             let (key, _) = item.map_err(fault)?;
-            let status = SagaStatus::ALL
-                .into_iter()
-                .find(|s| key.first() == Some(&status_byte(*s)))
+            let status = key
+                .first()
+                .and_then(|b| status_from_byte(*b))
                 .ok_or_else(|| StoreError::Corrupt {
                     key: String::from_utf8_lossy(&key).into_owned(),
                     cause: "unknown status byte in the status index".into(),
                 })?;
-            out.push((status, String::from_utf8_lossy(&key[1..]).into_owned()));
+            let (_, saga_id) = split_index_key(&key, 1)?;
+            out.push((status, saga_id));
         }
         Ok(out)
+    }
+
+    fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>> {
+        // No further than the last flushed change: later ones may be in sled's memory only.
+        let durable = *self.inner.shared.durable_cursor.borrow();
+        if after >= durable || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let range = (
+            Bound::Excluded(change_key(after)),
+            Bound::Included(change_key(durable)),
+        );
+        let mut out = Vec::new();
+        for item in self.inner.trees.changes.range(range).take(limit) {
+            let (key, value) = item.map_err(fault)?;
+            let change: Change = from_json(&key, &value)?;
+            out.push(change);
+        }
+        Ok(out)
+    }
+
+    fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.inner.shared.durable_cursor.subscribe()
     }
 
     fn summaries(&self) -> Result<Vec<Summary>> {
@@ -752,6 +1090,12 @@ impl SagaStore for SledStore {
             flushes: self.inner.shared.flushes.load(Ordering::Relaxed),
             writes: self.inner.shared.writes.load(Ordering::Relaxed),
             events: self.inner.shared.events.load(Ordering::Relaxed),
+            summaries_read: self.inner.shared.summaries_read.load(Ordering::Relaxed),
+            index_entries_scanned: self
+                .inner
+                .shared
+                .index_entries_scanned
+                .load(Ordering::Relaxed),
         }
     }
 }

@@ -3,7 +3,7 @@
 use saga_engine::{Event, EventKind, SagaStatus};
 use saga_store::{
     Created, ListFilter, NewSaga, PutDefinition, SagaStore, SledStore, StoreError,
-    StoredDefinition, Summary,
+    StoredDefinition, Summary, page_token,
 };
 use serde_json::json;
 
@@ -17,6 +17,7 @@ fn summary(id: &str, key: &str, status: SagaStatus, last_seq: u64) -> Summary {
         },
         version: 1,
         status,
+        business_status: String::new(),
         idempotency_key: key.to_owned(),
         request_digest: "d".into(),
         created_at_ms: 1,
@@ -146,28 +147,38 @@ async fn list_pages_newest_first_with_filters() -> anyhow::Result<()> {
         .append(done, summary("s-3a", "k3", SagaStatus::Completed, 2))
         .await?;
 
-    let ids = |list: Vec<Summary>| list.into_iter().map(|s| s.saga_id).collect::<Vec<_>>();
+    let ids = |list: &[Summary]| list.iter().map(|s| s.saga_id.clone()).collect::<Vec<_>>();
     let all = ListFilter::default();
-    assert_eq!(ids(store.list(&all, None, 3)?), ["s-4b", "s-3a", "s-2b"]);
-    assert_eq!(ids(store.list(&all, Some("s-2b"), 3)?), ["s-1a"]);
+    let first = store.list(&all, None, 3)?;
+    assert_eq!(ids(&first), ["s-4b", "s-3a", "s-2b"]);
+    let token = page_token(first.last().expect("a full page"));
+    assert_eq!(ids(&store.list(&all, Some(&token), 3)?), ["s-1a"]);
+    let ids = |list: Vec<Summary>| ids(&list);
     let running = ListFilter {
         status: Some(SagaStatus::Running),
-        definition: None,
+        ..ListFilter::default()
     };
     assert_eq!(
         ids(store.list(&running, None, 10)?),
         ["s-4b", "s-2b", "s-1a"]
     );
     let beta = ListFilter {
-        status: None,
         definition: Some("beta".into()),
+        ..ListFilter::default()
     };
     assert_eq!(ids(store.list(&beta, None, 10)?), ["s-4b", "s-2b"]);
     let both = ListFilter {
         status: Some(SagaStatus::Completed),
         definition: Some("beta".into()),
+        ..ListFilter::default()
     };
     assert!(store.list(&both, None, 10)?.is_empty());
+    let both = ListFilter {
+        status: Some(SagaStatus::Completed),
+        definition: Some("alpha".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(store.list(&both, None, 10)?), ["s-3a"]);
     assert_eq!(ids(store.unfinished()?), ["s-1a", "s-2b", "s-4b"]);
     Ok(())
 }

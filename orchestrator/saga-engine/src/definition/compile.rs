@@ -7,12 +7,13 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use super::raw::{RawBreaker, RawCall, RawDefinition, RawRetry, RawStep};
+use super::raw::{RawAwait, RawBreaker, RawCall, RawDefinition, RawRetry, RawStep};
 // (RawFallback is read through RawStep::fallback.)
 use super::schema::{FieldType, InputField, InputSchema};
 use super::{
-    BreakerSpec, CallPlan, DEFAULT_TIMEOUT, DefinitionError, DefinitionErrors, DescriptorLookup,
-    FallbackPlan, OnOpen, Participant, Plan, RetryPolicy, StepKind, StepPlan, WindowSpec,
+    AwaitPlan, BreakerSpec, CallPlan, CallStep, Condition, DEFAULT_TIMEOUT, DefinitionError,
+    DefinitionErrors, DescriptorLookup, FallbackPlan, OnOpen, OnTimeout, Participant, Plan,
+    RetryPolicy, Statuses, StepBody, StepKind, StepPlan, WindowSpec,
 };
 use crate::duration::parse_duration;
 use crate::template::{self, Reference};
@@ -117,8 +118,10 @@ pub fn compile(
             ),
         );
     }
-    if raw.version.value == 0 {
-        errors.at(line(&raw.version), None, "version must be 1 or more");
+    if let Some(version) = &raw.version
+        && version.value == 0
+    {
+        errors.at(line(version), None, "version must be 1 or more");
     }
 
     let input = compile_input(raw, &mut errors);
@@ -131,7 +134,48 @@ pub fn compile(
     let mut seen = BTreeMap::new();
     let mut steps = Vec::new();
     let mut earlier_names = BTreeSet::new();
-    for step in &raw.steps {
+    // Steps of the parallel group being compiled: they run concurrently, so they cannot
+    // read each other's outputs. They become visible once the group ends.
+    let mut group_steps: Vec<StepPlan> = Vec::new();
+    let mut group_names: Vec<String> = Vec::new();
+    let mut current_group: Option<String> = None;
+    let indexes: BTreeMap<&str, usize> = raw
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.value.name.value.as_str(), i))
+        .collect();
+    let pivot_index = raw.steps.iter().position(|s| {
+        s.value.kind.as_ref().map(|k| k.value.as_str()) == Some("pivot")
+    });
+    let mut signals: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    let mut finished_groups = BTreeSet::new();
+    for (index, step) in raw.steps.iter().enumerate() {
+        let group = step.value.parallel.as_ref().map(|g| g.value.clone());
+        if group != current_group || group.is_none() {
+            steps.append(&mut group_steps);
+            earlier_names.extend(group_names.drain(..));
+            if let Some(done) = current_group.take() {
+                finished_groups.insert(done);
+            }
+            current_group = group.clone();
+        }
+        if let (Some(g), Some(spanned)) = (&group, &step.value.parallel) {
+            if finished_groups.contains(g) {
+                errors.at(
+                    line(spanned),
+                    Some(&step.value.name.value),
+                    format!("the steps of parallel group `{g}` must be consecutive"),
+                );
+            }
+            if !valid_name(g) {
+                errors.at(
+                    line(spanned),
+                    Some(&step.value.name.value),
+                    format!("parallel group `{g}` must be 1 to 64 characters of a-z, 0-9, `_` or `-`"),
+                );
+            }
+        }
         let name = step.value.name.value.clone();
         if !valid_name(&name) {
             errors.at(
@@ -151,16 +195,73 @@ pub fn compile(
             plans: &steps,
             names: &earlier_names,
         };
-        if let Some(plan) = compile_step(raw, step, &context, &input, &pools, &mut errors) {
-            steps.push(plan);
+        let position = Position {
+            index,
+            indexes: &indexes,
+            after_pivot: pivot_index.is_some_and(|p| index > p),
+        };
+        if let Some(plan) = compile_step(
+            raw,
+            step,
+            &context,
+            &position,
+            &input,
+            &pools,
+            &mut signals,
+            &mut errors,
+        ) {
+            if group.is_some() {
+                group_steps.push(plan);
+            } else {
+                steps.push(plan);
+            }
         }
-        earlier_names.insert(name);
+        if group.is_some() {
+            group_names.push(name);
+        } else {
+            earlier_names.insert(name);
+        }
     }
+    steps.append(&mut group_steps);
     check_kinds(raw, &mut errors);
+    let deadline = raw
+        .deadline
+        .as_ref()
+        .and_then(|d| duration(d, "deadline", None, &mut errors));
+    let cancellable_until = raw.cancellable_until.as_ref().and_then(|c| {
+        let Some(index) = indexes.get(c.value.as_str()).copied() else {
+            errors.at(
+                line(c),
+                None,
+                format!("cancellable_until: no step is named `{}`", c.value),
+            );
+            return None;
+        };
+        if let Some(pivot) = pivot_index
+            && index > pivot
+        {
+            errors.at(line(c), None, format!("cancellable_until: `{}` comes after the pivot `{}`, and a saga past its pivot can never be cancelled", c.value, raw.steps[pivot].value.name.value));
+        }
+        Some(index)
+    });
+    let statuses = raw.statuses.as_ref().map_or_else(Statuses::default, |s| {
+        let s = &s.value;
+        Statuses {
+            completed: s.completed.clone(),
+            compensating: s.compensating.clone(),
+            compensated: s.compensated.clone(),
+            cancelled: s.cancelled.clone(),
+            failed: s.failed.clone(),
+        }
+    });
     let reject_when_open = match raw.admission.as_ref().map(|a| (a, a.value.trim())) {
         None | Some((_, "always")) => false,
         Some((a, "reject_when_open")) => {
-            let first = raw.steps.first().map(|s| s.value.participant.value.clone());
+            let first = raw
+                .steps
+                .first()
+                .and_then(|s| s.value.participant.as_ref())
+                .map(|p| p.value.clone());
             let has_breaker = first
                 .as_ref()
                 .and_then(|p| raw.participants.get(p))
@@ -186,7 +287,8 @@ pub fn compile(
     }
     Ok(Plan {
         name: raw.name.value.clone(),
-        version: raw.version.value,
+        // 0: numbered by whoever stores it (see `Plan::version`).
+        version: raw.version.as_ref().map_or(0, |v| v.value),
         file: file.to_owned(),
         yaml: yaml.to_owned(),
         description: raw.description.clone(),
@@ -194,6 +296,9 @@ pub fn compile(
         participants,
         steps,
         reject_when_open,
+        deadline,
+        cancellable_until,
+        statuses,
     })
 }
 
@@ -554,50 +659,246 @@ struct Earlier<'a> {
     names: &'a BTreeSet<String>,
 }
 
+/// Where the step being compiled sits in the definition.
+struct Position<'a> {
+    index: usize,
+    /// Every step's index by name.
+    indexes: &'a BTreeMap<&'a str, usize>,
+    after_pivot: bool,
+}
+
+/// Signal names: like step names, with `.` allowed (`store.accepted`).
+fn valid_signal(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn compile_step(
     raw: &RawDefinition,
     step: &Spanned<RawStep>,
     earlier: &Earlier<'_>,
+    position: &Position<'_>,
     input: &Option<InputSchema>,
     pools: &BTreeMap<String, DescriptorPool>,
+    signals: &mut BTreeMap<String, (String, u32)>,
     errors: &mut Errors<'_>,
 ) -> Option<StepPlan> {
     let s = &step.value;
     let name = s.name.value.as_str();
     let start = errors.list.len();
 
-    let kind = match s.kind.as_ref().map(|k| k.value.as_str()) {
-        None | Some("compensatable") => StepKind::Compensatable,
-        Some("pivot") => StepKind::Pivot,
-        Some("retriable") => StepKind::Retriable,
+    let declared = match s.kind.as_ref().map(|k| k.value.as_str()) {
+        None => None,
+        Some("compensatable") => Some(StepKind::Compensatable),
+        Some("pivot") => Some(StepKind::Pivot),
+        Some("retriable") => Some(StepKind::Retriable),
         Some(other) => {
             errors.at(
                 s.kind.as_ref().map_or(0, line),
                 Some(name),
                 format!("unknown kind `{other}` (use compensatable, pivot or retriable)"),
             );
-            StepKind::Compensatable
+            Some(StepKind::Compensatable)
         }
     };
+    let when = s.when.as_ref().and_then(|w| match Condition::compile(&w.value) {
+        Ok(condition) => Some(condition),
+        Err(message) => {
+            errors.at(line(w), Some(name), message);
+            None
+        }
+    });
+    let status = s.status.as_ref().map(|t| t.value.trim().to_owned());
+    if let Some(t) = &s.status
+        && (t.value.trim().is_empty() || t.value.len() > 200)
+    {
+        errors.at(line(t), Some(name), "status: give 1 to 200 characters of text");
+    }
+    let group = s.parallel.as_ref().map(|g| g.value.clone());
+    if let Some(g) = &s.parallel
+        && declared == Some(StepKind::Pivot)
+    {
+        errors.at(line(g), Some(name), "the pivot cannot run in a parallel group (it must succeed or fail on its own)");
+    }
 
-    let participant = raw.participants.get(&s.participant.value);
+    let body = match (&s.await_, &s.participant, &s.action) {
+        (Some(wait), None, None) => {
+            let kind = match declared {
+                None | Some(StepKind::Pivot) => {}
+                Some(other) => errors.at(
+                    s.kind.as_ref().map_or(0, line),
+                    Some(name),
+                    format!("an await step cannot be {} (it has nothing to undo; only `kind: pivot` may be given)", other.as_str()),
+                ),
+            };
+            let () = kind;
+            if let Some(c) = &s.compensation {
+                errors.at(line(c), Some(name), "an await step has nothing to undo; remove its `compensation`");
+            }
+            for (field, present) in [
+                ("timeout", s.timeout.as_ref().map(line)),
+                ("retry", s.retry.as_ref().map(line)),
+                ("compensation_retry", s.compensation_retry.as_ref().map(line)),
+                ("on_open", s.on_open.as_ref().map(line)),
+                ("fallback", s.fallback.as_ref().map(line)),
+                ("max_defer", s.max_defer.as_ref().map(line)),
+            ] {
+                if let Some(at) = present {
+                    errors.at(at, Some(name), format!("`{field}` applies to call steps; an await step's timeout goes under `await:`"));
+                }
+            }
+            compile_await(wait, name, declared, position, signals, errors).map(StepBody::Await)
+        }
+        (None, Some(participant), Some(action)) => compile_call_step(
+            raw,
+            s,
+            participant,
+            action,
+            declared.unwrap_or(StepKind::Compensatable),
+            earlier,
+            input,
+            pools,
+            errors,
+        )
+        .map(StepBody::Call),
+        (Some(wait), _, _) => {
+            errors.at(line(wait), Some(name), "a step either awaits a signal or calls a participant: remove `participant` and `action`, or `await`");
+            None
+        }
+        (None, _, _) => {
+            errors.at(line(step), Some(name), "a step needs `participant` and `action` (a call step), or `await` (an await step)");
+            None
+        }
+    };
+    let kind = match (&body, declared) {
+        (Some(StepBody::Await(_)), Some(StepKind::Pivot)) => StepKind::Pivot,
+        (Some(StepBody::Await(_)), _) if position.after_pivot => StepKind::Retriable,
+        (Some(StepBody::Await(_)), _) => StepKind::Compensatable,
+        (_, declared) => declared.unwrap_or(StepKind::Compensatable),
+    };
+    if errors.list.len() > start {
+        return None;
+    }
+    Some(StepPlan {
+        name: name.to_owned(),
+        kind,
+        when,
+        status,
+        group,
+        body: body?,
+    })
+}
+
+fn compile_await(
+    wait: &Spanned<RawAwait>,
+    name: &str,
+    declared: Option<StepKind>,
+    position: &Position<'_>,
+    signals: &mut BTreeMap<String, (String, u32)>,
+    errors: &mut Errors<'_>,
+) -> Option<AwaitPlan> {
+    let w = &wait.value;
+    let mut ok = true;
+    for signal in std::iter::once(&w.signal).chain(&w.fail_on) {
+        if !valid_signal(&signal.value) {
+            errors.at(line(signal), Some(name), format!("signal `{}` must be 1 to 64 characters of a-z, 0-9, `.`, `_` or `-`", signal.value));
+            ok = false;
+        } else if let Some((step, at)) =
+            signals.insert(signal.value.clone(), (name.to_owned(), line(signal)))
+        {
+            errors.at(line(signal), Some(name), format!("signal `{}` is already awaited by step `{step}` (line {at}); each signal belongs to one await step", signal.value));
+            ok = false;
+        }
+    }
+    let timeout = w
+        .timeout
+        .as_ref()
+        .and_then(|t| duration(t, "await.timeout", Some(name), errors));
+    let on_timeout = match w.on_timeout.as_ref().map(|o| (o, o.value.trim())) {
+        None | Some((_, "fail")) => {
+            if let Some(c) = &w.continue_at {
+                errors.at(line(c), Some(name), "continue_at only applies with on_timeout: continue");
+                ok = false;
+            }
+            if position.after_pivot && declared != Some(StepKind::Pivot) && timeout.is_some() {
+                errors.at(wait.referenced.line() as u32, Some(name), "after the pivot a saga cannot compensate, so an await step's timeout cannot fail it: use on_timeout: continue, or no timeout");
+                ok = false;
+            }
+            OnTimeout::Fail
+        }
+        Some((o, "continue")) => {
+            if timeout.is_none() {
+                errors.at(line(o), Some(name), "on_timeout: continue needs an await.timeout");
+                ok = false;
+            }
+            let at = match &w.continue_at {
+                None => position.index + 1,
+                Some(c) => match position.indexes.get(c.value.as_str()) {
+                    Some(&at) if at > position.index => at,
+                    Some(_) => {
+                        errors.at(line(c), Some(name), format!("continue_at: `{}` is not a later step", c.value));
+                        ok = false;
+                        position.index + 1
+                    }
+                    None => {
+                        errors.at(line(c), Some(name), format!("continue_at: no step is named `{}`", c.value));
+                        ok = false;
+                        position.index + 1
+                    }
+                },
+            };
+            OnTimeout::Continue { at }
+        }
+        Some((o, other)) => {
+            errors.at(line(o), Some(name), format!("unknown on_timeout `{other}` (use fail or continue)"));
+            ok = false;
+            OnTimeout::Fail
+        }
+    };
+    ok.then(|| AwaitPlan {
+        signal: w.signal.value.clone(),
+        fail_on: w.fail_on.iter().map(|s| s.value.clone()).collect(),
+        timeout,
+        on_timeout,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_call_step(
+    raw: &RawDefinition,
+    s: &RawStep,
+    participant_name: &Spanned<String>,
+    raw_action: &Spanned<RawCall>,
+    kind: StepKind,
+    earlier: &Earlier<'_>,
+    input: &Option<InputSchema>,
+    pools: &BTreeMap<String, DescriptorPool>,
+    errors: &mut Errors<'_>,
+) -> Option<CallStep> {
+    let name = s.name.value.as_str();
+    let start = errors.list.len();
+    let participant = raw.participants.get(&participant_name.value);
     if participant.is_none() {
         let known: Vec<&str> = raw.participants.keys().map(String::as_str).collect();
         errors.at(
-            line(&s.participant),
+            line(participant_name),
             Some(name),
             format!(
                 "unknown participant `{}` (declared: {})",
-                s.participant.value,
+                participant_name.value,
                 known.join(", ")
             ),
         );
     }
-    let pool = pools.get(&s.participant.value);
+    let pool = pools.get(&participant_name.value);
 
     match (kind, &s.compensation) {
         (StepKind::Compensatable, None) => errors.at(
-            line(step),
+            line(&s.name),
             Some(name),
             "a compensatable step needs a `compensation` (or mark the step `kind: pivot` or `kind: retriable` if it is never undone)",
         ),
@@ -609,7 +910,7 @@ fn compile_step(
         _ => {}
     }
 
-    let action = compile_call(&s.action, name, false, earlier, input, pool, errors);
+    let action = compile_call(raw_action, name, false, earlier, input, pool, errors);
     let compensation = s
         .compensation
         .as_ref()
@@ -678,7 +979,7 @@ fn compile_step(
             Some(name),
             format!(
                 "`on_open` needs a `circuit_breaker` on participant `{}`",
-                s.participant.value
+                participant_name.value
             ),
         );
     }
@@ -705,10 +1006,8 @@ fn compile_step(
     if errors.list.len() > start {
         return None;
     }
-    Some(StepPlan {
-        name: name.to_owned(),
-        participant: s.participant.value.clone(),
-        kind,
+    Some(CallStep {
+        participant: participant_name.value.clone(),
         action: action?,
         compensation,
         timeout,
@@ -765,7 +1064,7 @@ fn compile_fallback(
         );
         return None;
     }
-    if f.participant.value == s.participant.value {
+    if s.participant.as_ref().is_some_and(|p| p.value == f.participant.value) {
         errors.at(line(&f.participant), Some(name), "fallback: the fallback must be another participant (its breaker is the one that is open)");
     }
     match (kind, &f.compensation) {
@@ -1108,7 +1407,19 @@ fn check_reference(
                 }
                 return;
             };
-            let mut message = found.action.output.clone();
+            let Some(call) = found.call() else {
+                // An await step's output: {signal, payload, timed_out}; the payload is free.
+                let ok = match segments.get(3).map(String::as_str) {
+                    None | Some("payload") => true,
+                    Some("signal" | "timed_out") => segments.len() == 4,
+                    Some(_) => false,
+                };
+                if !ok {
+                    errors.at(at, Some(step), format!("`${{{path}}}`: `{target}` awaits a signal; its output has `signal`, `payload` (the signal's payload) and `timed_out`"));
+                }
+                return;
+            };
+            let mut message = call.action.output.clone();
             for segment in &segments[3..] {
                 let Some(field) = find_field(&message, segment) else {
                     errors.at(
@@ -1152,6 +1463,10 @@ fn check_kinds(raw: &RawDefinition, errors: &mut Errors<'_>) {
             .as_ref()
             .map(|k| k.value.as_str())
             .unwrap_or("compensatable");
+        // An await step undoes nothing: it fits before or after the pivot.
+        if s.await_.is_some() && kind != "pivot" {
+            continue;
+        }
         match kind {
             "pivot" => {
                 if let Some(first) = &pivot {

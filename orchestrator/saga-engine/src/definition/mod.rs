@@ -6,6 +6,7 @@
 //! I/O to fetch them).
 
 mod compile;
+mod condition;
 mod raw;
 mod schema;
 
@@ -17,6 +18,7 @@ use prost_reflect::{DescriptorPool, MessageDescriptor};
 use serde_json::Value;
 
 pub use compile::{compile, parse};
+pub use condition::{Condition, ConditionError};
 pub use raw::RawDefinition;
 pub use schema::{FieldType, InputField, InputSchema};
 
@@ -92,6 +94,21 @@ pub struct Plan {
     pub steps: Vec<StepPlan>,
     /// Whether StartSaga is refused while the first step's breaker is open.
     pub reject_when_open: bool,
+    /// The whole saga's deadline, from its start.
+    pub deadline: Option<Duration>,
+    /// The index of the step after whose completion cancellation is refused.
+    pub cancellable_until: Option<usize>,
+    pub statuses: Statuses,
+}
+
+/// Business statuses of the saga's outcomes (the steps declare their own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Statuses {
+    pub completed: Option<String>,
+    pub compensating: Option<String>,
+    pub compensated: Option<String>,
+    pub cancelled: Option<String>,
+    pub failed: Option<String>,
 }
 
 impl Plan {
@@ -103,6 +120,31 @@ impl Plan {
     /// The pivot step's index, if the definition has one.
     pub fn pivot(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.kind == StepKind::Pivot)
+    }
+
+    /// Every signal the definition's await steps accept, sorted, without repeats.
+    pub fn signals(&self) -> Vec<&str> {
+        let mut signals: Vec<&str> = self
+            .steps
+            .iter()
+            .filter_map(StepPlan::awaits)
+            .flat_map(|a| std::iter::once(a.signal.as_str()).chain(a.fail_on.iter().map(String::as_str)))
+            .collect();
+        signals.sort_unstable();
+        signals.dedup();
+        signals
+    }
+
+    /// The range of step indexes that run together with step `index`: its parallel group,
+    /// or the step alone.
+    pub fn group_of(&self, index: usize) -> std::ops::Range<usize> {
+        let Some(group) = self.steps.get(index).and_then(|s| s.group.as_deref()) else {
+            return index..index + 1;
+        };
+        let same = |i: &usize| self.steps[*i].group.as_deref() == Some(group);
+        let start = (0..=index).rev().take_while(same).last().unwrap_or(index);
+        let end = (index..self.steps.len()).take_while(same).last().unwrap_or(index) + 1;
+        start..end
     }
 }
 
@@ -204,8 +246,85 @@ impl StepKind {
 #[derive(Debug, Clone)]
 pub struct StepPlan {
     pub name: String,
-    pub participant: String,
     pub kind: StepKind,
+    /// Runs only if this holds.
+    pub when: Option<Condition>,
+    /// The business status while this is the saga's current step.
+    pub status: Option<String>,
+    /// The parallel group; consecutive steps of one group run concurrently.
+    pub group: Option<String>,
+    pub body: StepBody,
+}
+
+impl StepPlan {
+    /// The call of a call step.
+    pub fn call(&self) -> Option<&CallStep> {
+        match &self.body {
+            StepBody::Call(call) => Some(call),
+            StepBody::Await(_) => None,
+        }
+    }
+
+    /// The wait of an await step.
+    pub fn awaits(&self) -> Option<&AwaitPlan> {
+        match &self.body {
+            StepBody::Await(wait) => Some(wait),
+            StepBody::Call(_) => None,
+        }
+    }
+
+    /// The participant a call step calls; empty for an await step.
+    pub fn participant(&self) -> &str {
+        self.call().map_or("", |c| c.participant.as_str())
+    }
+
+    /// Whether the step has something to undo.
+    pub fn has_compensation(&self) -> bool {
+        self.call().is_some_and(|c| c.compensation.is_some())
+    }
+}
+
+/// What a step does.
+#[derive(Debug, Clone)]
+pub enum StepBody {
+    /// Calls a participant (and undoes it with its compensation).
+    Call(CallStep),
+    /// Waits for a signal.
+    Await(AwaitPlan),
+}
+
+/// A step that waits for a named signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwaitPlan {
+    /// The signal that completes the step.
+    pub signal: String,
+    /// Signals that fail the step.
+    pub fail_on: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub on_timeout: OnTimeout,
+}
+
+impl AwaitPlan {
+    /// Whether `signal` ends this wait (either way).
+    pub fn accepts(&self, signal: &str) -> bool {
+        self.signal == signal || self.fail_on.iter().any(|s| s == signal)
+    }
+}
+
+/// What an await step does when its timeout passes without a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// The step fails; the saga compensates.
+    Fail,
+    /// The step ends without a signal and the saga continues at step `at` (an index after
+    /// the await step); the steps in between are skipped.
+    Continue { at: usize },
+}
+
+/// A step that calls a participant.
+#[derive(Debug, Clone)]
+pub struct CallStep {
+    pub participant: String,
     pub action: CallPlan,
     pub compensation: Option<CallPlan>,
     /// Per-attempt deadline.

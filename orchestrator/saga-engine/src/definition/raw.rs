@@ -9,7 +9,9 @@ use serde_saphyr::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct RawDefinition {
     pub name: Spanned<String>,
-    pub version: Spanned<u32>,
+    /// Absent: the orchestrator numbers versions itself (a changed text is a new version).
+    #[serde(default)]
+    pub version: Option<Spanned<u32>>,
     #[serde(default)]
     pub description: Option<String>,
     /// Field name to type (`string`, `integer`, `number`, `boolean`, `list`, `object`,
@@ -21,6 +23,34 @@ pub struct RawDefinition {
     /// `reject_when_open`: StartSaga is refused while the first step's breaker is open.
     #[serde(default)]
     pub admission: Option<Spanned<String>>,
+    /// The whole saga's deadline (e.g. `2h`): past it, a saga that has not passed its pivot
+    /// compensates.
+    #[serde(default)]
+    pub deadline: Option<Spanned<String>>,
+    /// The step after whose completion a saga can no longer be cancelled.
+    #[serde(default)]
+    pub cancellable_until: Option<Spanned<String>>,
+    /// Business statuses of the saga's outcomes, in the customer's words.
+    #[serde(default)]
+    pub statuses: Option<Spanned<RawStatuses>>,
+}
+
+/// What the customer is told once the saga is past its steps.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatuses {
+    #[serde(default)]
+    pub completed: Option<String>,
+    #[serde(default)]
+    pub compensating: Option<String>,
+    /// Compensated after a step failed.
+    #[serde(default)]
+    pub compensated: Option<String>,
+    /// Compensated after a cancellation.
+    #[serde(default)]
+    pub cancelled: Option<String>,
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,10 +135,26 @@ pub struct RawRetry {
 #[serde(deny_unknown_fields)]
 pub struct RawStep {
     pub name: Spanned<String>,
-    pub participant: Spanned<String>,
+    /// Call steps: the participant called. Await steps have none.
+    #[serde(default)]
+    pub participant: Option<Spanned<String>>,
     #[serde(default)]
     pub kind: Option<Spanned<String>>,
-    pub action: Spanned<RawCall>,
+    /// Call steps: the action.
+    #[serde(default)]
+    pub action: Option<Spanned<RawCall>>,
+    /// Await steps: the signal waited for.
+    #[serde(default, rename = "await")]
+    pub await_: Option<Spanned<RawAwait>>,
+    /// A CEL expression over `input`, `steps` and `saga`: the step runs only if it is true.
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
+    /// The business status while this step is the saga's current step.
+    #[serde(default)]
+    pub status: Option<Spanned<String>>,
+    /// Consecutive steps naming the same group run concurrently.
+    #[serde(default)]
+    pub parallel: Option<Spanned<String>>,
     #[serde(default)]
     pub compensation: Option<Spanned<RawCall>>,
     #[serde(default)]
@@ -142,4 +188,24 @@ pub struct RawFallback {
     pub action: Spanned<RawCall>,
     #[serde(default)]
     pub compensation: Option<Spanned<RawCall>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAwait {
+    /// The signal that completes the step, e.g. `store.accepted`.
+    pub signal: Spanned<String>,
+    /// Signals that fail the step (the saga compensates), e.g. `[store.rejected]`.
+    #[serde(default)]
+    pub fail_on: Vec<Spanned<String>>,
+    /// How long to wait; absent waits without limit.
+    #[serde(default)]
+    pub timeout: Option<Spanned<String>>,
+    /// `fail` (default: the step fails and the saga compensates) or `continue`.
+    #[serde(default)]
+    pub on_timeout: Option<Spanned<String>>,
+    /// With `on_timeout: continue`: the later step to continue at (default: the next one);
+    /// the steps in between are skipped.
+    #[serde(default)]
+    pub continue_at: Option<Spanned<String>>,
 }
