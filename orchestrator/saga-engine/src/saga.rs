@@ -1363,6 +1363,9 @@ impl Saga {
             .map_or((OnOpen::Fail, false), |c| (c.on_open, c.fallback.is_some()));
         let deferral = match (call.phase, on_open) {
             (Phase::Compensation, _) => Some(None),
+            // After the pivot the saga only goes forward: a retriable step waits for the
+            // breaker as long as it takes, whatever its `on_open`.
+            (Phase::Action, _) if plan_step.kind == StepKind::Retriable => Some(None),
             (Phase::Action, OnOpen::Defer { max_wait }) => {
                 let since = self.steps[call.step_index]
                     .deferred_since_ms
