@@ -49,10 +49,85 @@ fn definition_message(plan: &Plan) -> pb::Definition {
         yaml: plan.yaml.clone(),
         steps: plan.steps.iter().map(|s| s.name.clone()).collect(),
         participants: plan.participants.keys().cloned().collect(),
+        signals: plan.signals().into_iter().map(str::to_owned).collect(),
     }
 }
 
+/// Milliseconds since the epoch of a request's timestamp; `field` names it in errors.
+fn millis(timestamp: Option<&prost_types::Timestamp>, field: &str) -> Result<Option<u64>, Error> {
+    let Some(t) = timestamp else {
+        return Ok(None);
+    };
+    if t.seconds < 0 || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: {}s {}ns is not a time after 1970",
+            t.seconds, t.nanos
+        )));
+    }
+    Ok(Some(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000))
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SagaEvent, Status>> + Send>>;
+type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::SagaChange, Status>> + Send>>;
+
+/// Which changes a WatchSagas stream sends.
+#[derive(Debug, Clone)]
+struct ChangeFilter {
+    status: Option<SagaStatus>,
+    definition: Option<String>,
+}
+
+impl ChangeFilter {
+    fn matches(&self, change: &saga_store::Change) -> bool {
+        self.status.is_none_or(|s| s == change.status)
+            && self
+                .definition
+                .as_ref()
+                .is_none_or(|d| *d == change.definition)
+    }
+}
+
+/// Changes read from the store's durable feed, after `cursor`: first those already stored,
+/// then each batch as its flush completes. Reading the feed (rather than the runtime's live
+/// events) is what makes a resumed stream exact: nothing is lost or sent twice.
+async fn watch_changes(
+    runtime: Runtime,
+    filter: ChangeFilter,
+    mut cursor: u64,
+    tx: mpsc::Sender<Result<pb::SagaChange, Status>>,
+) {
+    /// Changes read from the store at a time.
+    const PAGE: usize = 512;
+    let store = runtime.store().clone();
+    let mut durable = store.watch_changes();
+    loop {
+        // Mark the current position seen before reading, so a flush during the read wakes
+        // the wait below.
+        durable.borrow_and_update();
+        let page = match store.changes(cursor, PAGE) {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = tx.send(Err(Error::from(e).into())).await;
+                return;
+            }
+        };
+        if page.is_empty() {
+            tokio::select! {
+                changed = durable.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+                // The stream ends; the client resumes from its cursor after the restart.
+                () = runtime.shutting_down() => return,
+            }
+            continue;
+        }
+        for change in page {
+            cursor = change.cursor;
+            if filter.matches(&change) && tx.send(Ok(convert::change(&change))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl SagaOrchestrator for Api {
@@ -88,7 +163,11 @@ impl SagaOrchestrator for Api {
         let request = request.into_inner();
         let saga_id = required(&request.saga_id, "saga_id")?;
         let (plan, saga) = self.runtime.get(saga_id)?;
-        Ok(Response::new(convert::saga(&plan, &saga)))
+        Ok(Response::new(convert::saga(
+            &plan,
+            &saga,
+            crate::runtime::now_ms(),
+        )))
     }
 
     async fn list_sagas(
@@ -109,14 +188,26 @@ impl SagaOrchestrator for Api {
             }
             n => n,
         };
+        let created_from_ms = millis(request.created_after.as_ref(), "created_after")?;
+        let created_to_ms = millis(request.created_before.as_ref(), "created_before")?;
+        if let (Some(from), Some(to)) = (created_from_ms, created_to_ms)
+            && to <= from
+        {
+            return Err(Error::InvalidArgument(
+                "created_before: must be later than created_after".into(),
+            )
+            .into());
+        }
         let filter = ListFilter {
             status: convert::saga_status_from_pb(status),
             definition: Some(request.definition.trim().to_owned()).filter(|d| !d.is_empty()),
+            created_from_ms,
+            created_to_ms,
         };
         let after = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let sagas = self.runtime.list(&filter, after, limit)?;
         let next_page_token = if sagas.len() == limit {
-            sagas.last().map(|s| s.saga_id.clone()).unwrap_or_default()
+            sagas.last().map(saga_store::page_token).unwrap_or_default()
         } else {
             String::new()
         };
@@ -152,6 +243,55 @@ impl SagaOrchestrator for Api {
         Ok(Response::new(pb::CancelSagaResponse {
             status: convert::saga_status(status) as i32,
         }))
+    }
+
+    async fn signal_saga(
+        &self,
+        request: Request<pb::SignalSagaRequest>,
+    ) -> Result<Response<pb::SignalSagaResponse>, Status> {
+        let request = request.into_inner();
+        let saga_id = required(&request.saga_id, "saga_id")?;
+        let signal = required(&request.signal, "signal")?;
+        let payload = request
+            .payload
+            .as_ref()
+            .map_or_else(|| json!({}), convert::struct_to_json);
+        let reply = self.runtime.signal(saga_id, signal, payload).await?;
+        Ok(Response::new(pb::SignalSagaResponse {
+            status: convert::saga_status(reply.status) as i32,
+            step: reply.step,
+            buffered: reply.buffered,
+            duplicate: reply.duplicate,
+        }))
+    }
+
+    type WatchSagasStream = ChangeStream;
+
+    async fn watch_sagas(
+        &self,
+        request: Request<pb::WatchSagasRequest>,
+    ) -> Result<Response<ChangeStream>, Status> {
+        let request = request.into_inner();
+        let status = pb::SagaStatus::try_from(request.status).map_err(|_| {
+            Error::InvalidArgument(format!("status: unknown value {}", request.status))
+        })?;
+        let filter = ChangeFilter {
+            status: convert::saga_status_from_pb(status),
+            definition: Some(request.definition.trim().to_owned()).filter(|d| !d.is_empty()),
+        };
+        if let Some(definition) = &filter.definition {
+            // An unknown name is a typo, not an empty feed.
+            self.runtime.registry().get(definition, None)?;
+        }
+        self.runtime.store().health().map_err(Error::from)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch_changes(
+            self.runtime.clone(),
+            filter,
+            request.after_cursor,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn put_definition(

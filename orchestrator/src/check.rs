@@ -78,7 +78,7 @@ pub fn check(store: &dyn SagaStore) -> Result<Report, StoreError> {
             }
         };
         report.problems.extend(
-            compare(&summary, &saga)
+            compare(plan, &summary, &saga)
                 .into_iter()
                 .map(|p| format!("saga {id}: {p}")),
         );
@@ -99,7 +99,7 @@ pub fn check(store: &dyn SagaStore) -> Result<Report, StoreError> {
 }
 
 /// The fields of the stored summary that disagree with the replayed state.
-fn compare(stored: &Summary, replayed: &Saga) -> Vec<String> {
+fn compare(plan: &Plan, stored: &Summary, replayed: &Saga) -> Vec<String> {
     let mut problems = Vec::new();
     let mut differ = |field: &str, stored: String, replayed: String| {
         if stored != replayed {
@@ -112,6 +112,11 @@ fn compare(stored: &Summary, replayed: &Saga) -> Vec<String> {
         "status",
         stored.status.as_str().into(),
         replayed.status().as_str().into(),
+    );
+    differ(
+        "business status",
+        format!("{:?}", stored.business_status),
+        format!("{:?}", replayed.business_status(plan)),
     );
     differ(
         "last_seq",

@@ -102,6 +102,8 @@ fn step_status(status: StepStatus) -> pb::StepStatus {
         StepStatus::Compensating => pb::StepStatus::Compensating,
         StepStatus::Compensated => pb::StepStatus::Compensated,
         StepStatus::CompensationFailed => pb::StepStatus::CompensationFailed,
+        StepStatus::Waiting => pb::StepStatus::Waiting,
+        StepStatus::Skipped => pb::StepStatus::Skipped,
     }
 }
 
@@ -124,7 +126,7 @@ pub fn call_error(e: &CallError) -> pb::StepError {
 fn step(plan_step: &saga_engine::definition::StepPlan, s: &StepState) -> pb::Step {
     pb::Step {
         name: plan_step.name.clone(),
-        participant: plan_step.participant.clone(),
+        participant: plan_step.participant().to_owned(),
         kind: step_kind(plan_step.kind) as i32,
         status: if s.deferral.is_some() {
             pb::StepStatus::Deferred
@@ -138,16 +140,33 @@ fn step(plan_step: &saga_engine::definition::StepPlan, s: &StepState) -> pb::Ste
         started_at: s.started_at_ms.map(timestamp),
         finished_at: s.finished_at_ms.map(timestamp),
         compensated_at: s.compensated_at_ms.map(timestamp),
-        method: plan_step.action.method.clone(),
+        method: plan_step
+            .call()
+            .map(|c| c.action.method.clone())
+            .unwrap_or_default(),
         compensation_method: plan_step
-            .compensation
-            .as_ref()
+            .call()
+            .and_then(|c| c.compensation.as_ref())
             .map(|c| c.method.clone())
             .unwrap_or_default(),
+        signal: plan_step
+            .awaits()
+            .map(|a| a.signal.clone())
+            .unwrap_or_default(),
+        fail_signals: plan_step
+            .awaits()
+            .map(|a| a.fail_on.clone())
+            .unwrap_or_default(),
+        group: plan_step.group.clone().unwrap_or_default(),
     }
 }
 
-pub fn saga(plan: &Plan, saga: &Saga) -> pb::Saga {
+/// A saga as GetSaga shows it; `now_ms` decides when its current wait ends.
+pub fn saga(plan: &Plan, saga: &Saga, now_ms: u64) -> pb::Saga {
+    let wake_at = match saga.next(plan, now_ms) {
+        saga_engine::Next::Wait(wait) => wait.wake_at_ms.map(timestamp),
+        _ => None,
+    };
     pb::Saga {
         saga_id: saga.id.clone(),
         definition: saga.definition.clone(),
@@ -162,11 +181,12 @@ pub fn saga(plan: &Plan, saga: &Saga) -> pb::Saga {
             .map(|(i, (p, s))| {
                 let mut message = step(p, s);
                 // A rerouted step shows where its calls actually went.
-                let (participant, action, compensation, _) = saga.route(plan, i);
-                message.participant = participant.to_owned();
-                message.method = action.method.clone();
-                message.compensation_method =
-                    compensation.map(|c| c.method.clone()).unwrap_or_default();
+                if let Some((participant, action, compensation, _)) = saga.route(plan, i) {
+                    message.participant = participant.to_owned();
+                    message.method = action.method.clone();
+                    message.compensation_method =
+                        compensation.map(|c| c.method.clone()).unwrap_or_default();
+                }
                 message
             })
             .collect(),
@@ -175,6 +195,11 @@ pub fn saga(plan: &Plan, saga: &Saga) -> pb::Saga {
         idempotency_key: saga.idempotency_key.clone(),
         reason: saga.reason.clone().unwrap_or_default(),
         waiting_for: saga.waiting_for(plan).unwrap_or_default(),
+        business_status: saga.business_status(plan),
+        awaiting_signals: saga.awaiting_signals(plan),
+        wake_at,
+        deadline: saga.deadline_ms.map(timestamp),
+        buffered_signals: saga.buffered.iter().map(|b| b.signal.clone()).collect(),
     }
 }
 
@@ -186,6 +211,21 @@ pub fn summary(s: &saga_store::Summary) -> pb::SagaSummary {
         status: saga_status(s.status) as i32,
         created_at: Some(timestamp(s.created_at_ms)),
         updated_at: Some(timestamp(s.updated_at_ms)),
+        business_status: s.business_status.clone(),
+    }
+}
+
+/// A change of the feed as WatchSagas sends it.
+pub fn change(c: &saga_store::Change) -> pb::SagaChange {
+    pb::SagaChange {
+        cursor: c.cursor,
+        saga_id: c.saga_id.clone(),
+        definition: c.definition.clone(),
+        version: c.version,
+        status: saga_status(c.status) as i32,
+        business_status: c.business_status.clone(),
+        at: Some(timestamp(c.at_ms)),
+        seq: c.seq,
     }
 }
 
@@ -261,6 +301,34 @@ pub fn event(saga_id: &str, e: &Event, status: SagaStatus) -> pb::SagaEvent {
             out.step = step.clone();
             out.phase = "action".to_owned();
             out.attempt = *attempt;
+            out.detail = reason.clone();
+        }
+        EventKind::SignalReceived {
+            step,
+            signal,
+            payload,
+        } => {
+            out.step = step.clone();
+            out.phase = "action".to_owned();
+            out.detail = signal.clone();
+            out.output = Some(json_to_value(payload));
+        }
+        EventKind::SignalBuffered { signal, payload } => {
+            out.detail = signal.clone();
+            out.output = Some(json_to_value(payload));
+        }
+        EventKind::StepTimedOut { step } => {
+            out.step = step.clone();
+            out.phase = "action".to_owned();
+            out.detail = "no signal before the timeout".to_owned();
+        }
+        EventKind::StepSkipped { step, reason }
+        | EventKind::ConditionFailed {
+            step,
+            error: reason,
+        } => {
+            out.step = step.clone();
+            out.phase = "action".to_owned();
             out.detail = reason.clone();
         }
         EventKind::CancelRequested { reason }

@@ -33,6 +33,8 @@ pub enum Error {
     VersionConflict { name: String, version: u32 },
     #[error("saga {saga_id} cannot be cancelled: {reason}")]
     CancelRefused { saga_id: String, reason: String },
+    #[error("saga {saga_id} refused the signal: {reason}")]
+    SignalRefused { saga_id: String, reason: String },
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("the orchestrator is shutting down")]
@@ -55,11 +57,13 @@ impl From<Error> for Status {
             | Error::UnknownVersion { .. }
             | Error::UnknownSaga(_)
             | Error::NotFound(_) => Code::NotFound,
-            Error::InvalidArgument(_) | Error::Definition(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_)
+            | Error::Definition(_)
+            | Error::Store(StoreError::InvalidToken(_)) => Code::InvalidArgument,
             Error::IdempotencyConflict { .. } | Error::VersionConflict { .. } => {
                 Code::AlreadyExists
             }
-            Error::CancelRefused { .. } => Code::FailedPrecondition,
+            Error::CancelRefused { .. } | Error::SignalRefused { .. } => Code::FailedPrecondition,
             Error::BreakerOpen { .. } => Code::ResourceExhausted,
             Error::Store(StoreError::Fault(_) | StoreError::Closed) | Error::ShuttingDown => {
                 Code::Unavailable

@@ -1,7 +1,9 @@
 //! Loaded definitions, by name and version, and where their participants live.
 //!
 //! A definition version is immutable: storing the same version with other text is refused,
-//! so a running saga always finds the exact plan it started with.
+//! so a running saga always finds the exact plan it started with. A definition without a
+//! `version:` is numbered here: the same text as a stored version is that version, and a
+//! changed text becomes the next version.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ pub struct Registry {
     plans: RwLock<BTreeMap<String, BTreeMap<u32, Arc<Plan>>>>,
     reflected: Mutex<HashMap<String, DescriptorPool>>,
     breakers: Breakers,
+    /// Serialises puts, so two changed texts never race for the same new version number.
+    put_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -50,6 +54,7 @@ impl Registry {
             plans: RwLock::new(BTreeMap::new()),
             reflected: Mutex::new(HashMap::new()),
             breakers: Breakers::default(),
+            put_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -153,7 +158,10 @@ impl Registry {
                 })
                 .collect(),
         );
-        Ok(compile(&source, &stored.yaml, &raw, &fetched)?)
+        let mut plan = compile(&source, &stored.yaml, &raw, &fetched)?;
+        // A definition without `version:` was numbered when it was stored.
+        plan.version = stored.version;
+        Ok(plan)
     }
 
     /// The participants' circuit breakers.
@@ -182,15 +190,26 @@ impl Registry {
         yaml: &str,
         base: Option<&Path>,
     ) -> Result<(Arc<Plan>, bool)> {
+        let _serial = self.put_lock.lock().await;
         // The same text as a version already loaded (from the store, with the descriptors it
         // was compiled against): nothing to compile, and no participant needs to be reachable.
         let raw = parse(source, yaml)?;
-        if let Ok(loaded) = self.get(&raw.name.value, Some(raw.version.value))
-            && loaded.yaml == yaml
-        {
+        let name = raw.name.value.as_str();
+        let same_text = match &raw.version {
+            Some(version) => self
+                .get(name, Some(version.value))
+                .ok()
+                .filter(|loaded| loaded.yaml == yaml),
+            None => self.versions_of(name).into_iter().find(|p| p.yaml == yaml),
+        };
+        if let Some(loaded) = same_text {
             return Ok((loaded, false));
         }
-        let (plan, descriptors) = self.compile(source, yaml, base).await?;
+        let (mut plan, descriptors) = self.compile(source, yaml, base).await?;
+        if raw.version.is_none() {
+            let latest = self.versions_of(name).last().map_or(0, |p| p.version);
+            plan.version = latest + 1;
+        }
         let plan = Arc::new(plan);
         let outcome = self
             .store
@@ -287,6 +306,15 @@ impl Registry {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+    }
+
+    /// Every loaded version of `name`, oldest first.
+    fn versions_of(&self, name: &str) -> Vec<Arc<Plan>> {
+        let plans = self.plans.read().unwrap_or_else(|e| e.into_inner());
+        plans
+            .get(name)
+            .map(|versions| versions.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every definition name with its versions, ascending.

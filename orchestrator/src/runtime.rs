@@ -7,15 +7,25 @@
 //! moves on. Several events are stored together when nothing external happens between
 //! them (a result and the next step's intent share one write).
 //!
+//! A driver keeps every call the engine wants in flight at once (a parallel group's calls
+//! run concurrently), and wakes up for whatever comes first: a call's result, a timer (a
+//! retry, an await's timeout, the saga's deadline: all derived from the durable log, so a
+//! restart neither resets nor loses them), a circuit breaker that lets calls through
+//! again, or a command (a cancellation, a signal).
+//!
 //! On start, [`Runtime::recover`] resumes every saga that is not terminal. A call whose
 //! intent was stored but whose result was not is made again with the same idempotency key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use saga_engine::saga::CancelRefused;
-use saga_engine::{Event, EventKind, Next, Phase, Plan, Saga, SagaStatus};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use saga_engine::saga::{Call, CancelRefused};
+use saga_engine::{
+    CallError, Event, EventKind, Next, Phase, Plan, Saga, SagaStatus, SignalOutcome, SignalRefused,
+};
 use saga_store::{Created, ListFilter, NewSaga, SagaStore, Summary};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -28,6 +38,22 @@ use crate::registry::Registry;
 
 /// Largest saga input accepted, as JSON bytes.
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+
+/// Largest signal payload accepted, as JSON bytes.
+pub const MAX_SIGNAL_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// What a delivered signal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalReply {
+    /// The saga's status after the signal.
+    pub status: SagaStatus,
+    /// The await step the signal is for.
+    pub step: String,
+    /// Kept until the step starts.
+    pub buffered: bool,
+    /// The same signal and payload had already been delivered; nothing changed.
+    pub duplicate: bool,
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -48,6 +74,11 @@ enum Command {
     Cancel {
         reason: String,
         reply: oneshot::Sender<Result<SagaStatus>>,
+    },
+    Signal {
+        signal: String,
+        payload: Value,
+        reply: oneshot::Sender<Result<SignalReply>>,
     },
 }
 
@@ -89,12 +120,13 @@ fn request_digest(definition: &str, input: &Value) -> String {
     format!("{hash:016x}")
 }
 
-fn summary_of(saga: &Saga, digest: &str) -> Summary {
+fn summary_of(plan: &Plan, saga: &Saga, digest: &str) -> Summary {
     Summary {
         saga_id: saga.id.clone(),
         definition: saga.definition.clone(),
         version: saga.version,
         status: saga.status(),
+        business_status: saga.business_status(plan),
         idempotency_key: saga.idempotency_key.clone(),
         request_digest: digest.to_owned(),
         created_at_ms: saga.created_at_ms,
@@ -189,7 +221,7 @@ impl Runtime {
             .inner
             .store
             .create(NewSaga {
-                summary: summary_of(&saga, &digest),
+                summary: summary_of(&plan, &saga, &digest),
                 first_event: first.clone(),
             })
             .await?;
@@ -218,7 +250,7 @@ impl Runtime {
         let Some(first) = plan.steps.first() else {
             return Ok(());
         };
-        let Some(breaker) = self.inner.registry.breakers().get(&first.participant) else {
+        let Some(breaker) = self.inner.registry.breakers().get(first.participant()) else {
             return Ok(());
         };
         let snapshot = breaker.snapshot();
@@ -234,7 +266,7 @@ impl Runtime {
         {
             return Err(Error::BreakerOpen {
                 definition: plan.name.clone(),
-                participant: first.participant.clone(),
+                participant: first.participant().to_owned(),
                 retry_after: if retry_after.is_zero() {
                     Duration::from_secs(1)
                 } else {
@@ -380,6 +412,57 @@ impl Runtime {
         }
     }
 
+    /// Delivers a signal to a saga. Returns once what it changed is durable.
+    pub async fn signal(&self, saga_id: &str, signal: &str, payload: Value) -> Result<SignalReply> {
+        let signal = signal.trim();
+        if signal.is_empty() {
+            return Err(Error::InvalidArgument(
+                "signal: a signal name is required, e.g. store.accepted".into(),
+            ));
+        }
+        let size = payload.to_string().len();
+        if size > MAX_SIGNAL_PAYLOAD_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "payload is {size} bytes; the limit is {MAX_SIGNAL_PAYLOAD_BYTES}"
+            )));
+        }
+        let driver = self
+            .inner
+            .drivers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(saga_id)
+            .cloned();
+        if let Some(driver) = driver {
+            let (reply, answer) = oneshot::channel();
+            if driver
+                .send(Command::Signal {
+                    signal: signal.to_owned(),
+                    payload: payload.clone(),
+                    reply,
+                })
+                .is_ok()
+                && let Ok(result) = answer.await
+            {
+                return result;
+            }
+        }
+        // No driver (the saga is terminal, or finished meanwhile): the durable state decides.
+        let (plan, saga) = self.get(saga_id)?;
+        match saga.signal(&plan, signal, &payload, now_ms()) {
+            Ok(SignalOutcome::Duplicate { step }) => Ok(SignalReply {
+                status: saga.status(),
+                step,
+                buffered: false,
+                duplicate: true,
+            }),
+            Ok(SignalOutcome::Record { .. }) => Err(Error::Internal(format!(
+                "saga {saga_id} is not terminal but has no driver"
+            ))),
+            Err(refused) => Err(signal_refused(saga_id, refused)),
+        }
+    }
+
     /// Live events of every saga; see [`Published`].
     pub fn subscribe(&self) -> broadcast::Receiver<Published> {
         self.inner.events.subscribe()
@@ -406,6 +489,24 @@ impl Runtime {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
+}
+
+fn signal_refused(saga_id: &str, refused: SignalRefused) -> Error {
+    match refused {
+        SignalRefused::Unknown { .. } => Error::InvalidArgument(format!("signal: {refused}")),
+        other => Error::SignalRefused {
+            saga_id: saga_id.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// A call in flight: it resolves to the call and its outcome.
+type CallFuture = BoxFuture<'static, (Call, std::result::Result<Value, CallError>)>;
+
+/// Identifies one attempt of one call.
+fn attempt_key(call: &Call) -> String {
+    format!("{}#{}", call.idempotency_key, call.attempt)
 }
 
 struct Driver {
@@ -459,7 +560,7 @@ impl Driver {
         self.runtime
             .inner
             .store
-            .append(events, summary_of(&self.saga, &self.digest))
+            .append(events, summary_of(&self.plan, &self.saga, &self.digest))
             .await?;
         self.runtime.publish(&self.saga.id, pending);
         Ok(())
@@ -478,6 +579,7 @@ impl Driver {
                     Err(
                         refused @ (CancelRefused::Terminal(_)
                         | CancelRefused::PastPivot(_)
+                        | CancelRefused::PastPoint(_)
                         | CancelRefused::Compensating(_)),
                     ) => Err(Error::CancelRefused {
                         saga_id: self.saga.id.clone(),
@@ -486,117 +588,171 @@ impl Driver {
                 };
                 let _ = reply.send(answer);
             }
+            Command::Signal {
+                signal,
+                payload,
+                reply,
+            } => {
+                let answer = match self.saga.signal(&self.plan, &signal, &payload, now_ms()) {
+                    Ok(SignalOutcome::Record {
+                        event,
+                        step,
+                        buffered,
+                    }) => {
+                        self.record(event)?;
+                        self.persist().await?;
+                        tracing::info!(saga.id = %self.saga.id, saga.step = %step, signal = %signal, buffered, "signal received");
+                        Ok(SignalReply {
+                            status: self.saga.status(),
+                            step,
+                            buffered,
+                            duplicate: false,
+                        })
+                    }
+                    Ok(SignalOutcome::Duplicate { step }) => Ok(SignalReply {
+                        status: self.saga.status(),
+                        step,
+                        buffered: false,
+                        duplicate: true,
+                    }),
+                    Err(refused) => Err(signal_refused(&self.saga.id, refused)),
+                };
+                let _ = reply.send(answer);
+            }
         }
         Ok(())
     }
 
+    /// The future of one call, owning everything it needs.
+    fn start_call(&self, call: Call) -> CallFuture {
+        let runtime = self.runtime.clone();
+        let plan = self.plan.clone();
+        let spec = self
+            .saga
+            .route(&plan, call.step_index)
+            .map(|(_, action, compensation, _)| match call.phase {
+                Phase::Action => action.clone(),
+                Phase::Compensation => compensation.unwrap_or(action).clone(),
+            });
+        let endpoint = runtime.inner.registry.endpoint(&plan, &call.participant);
+        let breaker = runtime.inner.registry.breakers().get(&call.participant);
+        Box::pin(async move {
+            let Some(spec) = spec else {
+                let error = CallError {
+                    code: "INTERNAL".into(),
+                    message: format!("step `{}` has no call", call.step),
+                    retryable: false,
+                    rejected: false,
+                };
+                return (call, Err(error));
+            };
+            let timeout = Duration::from_millis(call.timeout_ms);
+            let result = runtime
+                .inner
+                .invoker
+                .call(
+                    &endpoint,
+                    &spec,
+                    &call.request,
+                    &call.idempotency_key,
+                    timeout,
+                    breaker.as_ref(),
+                )
+                .await;
+            (call, result)
+        })
+    }
+
     async fn drive(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Stop> {
         let shutdown = self.runtime.inner.shutdown.clone();
+        // Calls in flight (abandoned on shutdown: made again on recovery, same keys).
+        let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
+        let mut in_flight: HashSet<String> = HashSet::new();
         loop {
             if shutdown.is_cancelled() {
                 self.persist().await?;
                 return Err(Stop::Shutdown);
             }
-            match self.saga.next(&self.plan, now_ms()) {
-                Next::Record(event) => self.record(event)?,
+            let wait = match self.saga.next(&self.plan, now_ms()) {
+                Next::Record(event) => {
+                    self.record(event)?;
+                    continue;
+                }
                 Next::Done => return self.persist().await,
-                Next::AwaitBreaker {
-                    step_index,
-                    participant,
-                    until_ms,
-                    ..
-                } => {
-                    self.persist().await?;
-                    let breaker = self.runtime.inner.registry.breakers().get(&participant);
-                    let deadline =
-                        until_ms.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
-                    let ready = async {
-                        // Without a breaker nothing can refuse the call: go at once.
-                        if let Some(breaker) = &breaker {
+                Next::Wait(wait) => wait,
+            };
+            // Every intent (and everything before it) is durable before its call.
+            self.persist().await?;
+            for call in wait.calls {
+                if !in_flight.insert(attempt_key(&call)) {
+                    continue;
+                }
+                // Crash point: the intent is durable, the participant not yet called.
+                fail::fail_point!("runtime::after_intent_before_call", |_| saga_store::crash(
+                    "runtime::after_intent_before_call"
+                ));
+                if call.phase == Phase::Compensation {
+                    // Crash point in a compensation chain: hit at every compensation call,
+                    // so `1*off->return` crashes after the first one's result is durable.
+                    fail::fail_point!("runtime::before_compensation_call", |_| {
+                        saga_store::crash("runtime::before_compensation_call")
+                    });
+                }
+                running.push(self.start_call(call));
+            }
+            // Deferred steps wait for their breakers; without a breaker nothing can refuse
+            // the call, so such a step goes at once.
+            let breakers: Vec<BoxFuture<'static, usize>> = wait
+                .breakers
+                .iter()
+                .map(|(index, participant)| {
+                    let index = *index;
+                    let breaker = self.runtime.inner.registry.breakers().get(participant);
+                    Box::pin(async move {
+                        if let Some(breaker) = breaker {
                             breaker.ready().await;
                         }
-                    };
-                    let expired = async {
-                        match deadline {
-                            Some(wait) => tokio::time::sleep(wait).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        () = ready => {
-                            if let Some(event) = self.saga.resume(&self.plan, step_index, now_ms()) {
-                                self.record(event)?;
-                            }
-                        }
-                        // The engine fails the step on the next turn.
-                        () = expired => {}
-                        Some(command) = rx.recv() => self.handle(command).await?,
-                        () = shutdown.cancelled() => return Err(Stop::Shutdown),
-                    }
+                        index
+                    }) as BoxFuture<'static, usize>
+                })
+                .collect();
+            let breaker_ready = async {
+                if breakers.is_empty() {
+                    std::future::pending().await
+                } else {
+                    futures::future::select_all(breakers).await.0
                 }
-                Next::Sleep { until_ms, .. } => {
-                    self.persist().await?;
-                    let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        Some(command) = rx.recv() => self.handle(command).await?,
-                        () = shutdown.cancelled() => return Err(Stop::Shutdown),
+            };
+            let timer = async {
+                match wait.wake_at_ms {
+                    Some(at) => {
+                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms())))
+                            .await;
                     }
+                    None => std::future::pending().await,
                 }
-                Next::Call(call) => {
-                    // The intent (and everything before it) is durable before the call.
-                    self.persist().await?;
-                    let plan = self.plan.clone();
-                    // The step's route: its own participant, or its fallback once rerouted.
-                    let (_, action, compensation, _) = self.saga.route(&plan, call.step_index);
-                    let spec = match call.phase {
-                        Phase::Action => action,
-                        Phase::Compensation => compensation.unwrap_or(action),
-                    };
-                    let endpoint = self
-                        .runtime
-                        .inner
-                        .registry
-                        .endpoint(&plan, &call.participant);
-                    let runtime = self.runtime.clone();
-                    let timeout = Duration::from_millis(call.timeout_ms);
-                    // Crash point: the intent is durable, the participant not yet called.
-                    fail::fail_point!("runtime::after_intent_before_call", |_| saga_store::crash(
-                        "runtime::after_intent_before_call"
-                    ));
-                    if call.phase == Phase::Compensation {
-                        // Crash point in a compensation chain: hit at every compensation call,
-                        // so `1*off->return` crashes after the first one's result is durable.
-                        fail::fail_point!("runtime::before_compensation_call", |_| {
-                            saga_store::crash("runtime::before_compensation_call")
-                        });
-                    }
-                    let breaker = runtime.inner.registry.breakers().get(&call.participant);
-                    let invoke = runtime.inner.invoker.call(
-                        &endpoint,
-                        spec,
-                        &call.request,
-                        &call.idempotency_key,
-                        timeout,
-                        breaker.as_ref(),
-                    );
-                    tokio::pin!(invoke);
-                    let result = loop {
-                        tokio::select! {
-                            result = &mut invoke => break result,
-                            Some(command) = rx.recv() => self.handle(command).await?,
-                            () = shutdown.cancelled() => return Err(Stop::Shutdown),
-                        }
-                    };
+            };
+            tokio::select! {
+                Some((call, result)) = running.next(), if !running.is_empty() => {
+                    in_flight.remove(&attempt_key(&call));
                     // Crash point: the participant answered; its result is not stored.
                     fail::fail_point!("runtime::after_call_before_result", |_| saga_store::crash(
                         "runtime::after_call_before_result"
                     ));
                     let event =
                         self.saga
-                            .on_result(&plan, &call, result, now_ms(), fastrand::f64())?;
+                            .on_result(&self.plan, &call, result, now_ms(), fastrand::f64())?;
                     self.record(event)?;
                 }
+                index = breaker_ready => {
+                    if let Some(event) = self.saga.resume(&self.plan, index, now_ms()) {
+                        self.record(event)?;
+                    }
+                }
+                // The engine decides what is due on the next turn.
+                () = timer => {}
+                Some(command) = rx.recv() => self.handle(command).await?,
+                () = shutdown.cancelled() => return Err(Stop::Shutdown),
             }
         }
     }

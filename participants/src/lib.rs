@@ -90,8 +90,8 @@ impl FromStr for Kind {
     }
 }
 
-/// Why a participant could not start, serve or close. Business outcomes are gRPC statuses,
-/// never these.
+/// Why a participant (or the notifier) could not start, serve or close. Business outcomes
+/// are gRPC statuses, never these.
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
     #[error("unknown participant kind {0:?} (expected payment, store or rider)")]

@@ -369,7 +369,9 @@ impl Store {
             _closed: closed_tx,
         };
         // What a reopened database holds is durable.
-        store.durable.store(store.stored_cursor()?, Ordering::Release);
+        store
+            .durable
+            .store(store.stored_cursor()?, Ordering::Release);
         Ok((Arc::new(store), closed_rx))
     }
 
@@ -495,15 +497,37 @@ impl Notifier for NotifierService {
     }
 }
 
-/// Why a connection to the feed ended.
+/// Why a connection to the feed ended. Logged with its sources, see [`chain`].
 #[derive(Debug, thiserror::Error)]
 enum FeedError {
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect")]
     Connect(#[from] tonic::transport::Error),
-    #[error("the feed failed: {} ({})", .0.message(), .0.code())]
-    Feed(#[from] Status),
-    #[error("cannot record: {0}")]
+    #[error("the feed failed: {} ({:?})", .0.message(), .0.code())]
+    Feed(Status),
+    #[error("cannot record")]
     Storage(#[from] ParticipantError),
+}
+
+impl From<Status> for FeedError {
+    fn from(status: Status) -> Self {
+        FeedError::Feed(status)
+    }
+}
+
+/// The error's message followed by those of its sources (tonic's transport error alone
+/// just says "transport error"), skipping a source its parent already quoted.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let message = e.to_string();
+        if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// How a connection to the feed ended, when not with an error.
@@ -532,7 +556,7 @@ impl Feed {
             let cause = match ended {
                 Ok(Ended::Stopped) => break,
                 Ok(Ended::Closed) => "the orchestrator ended the stream".to_owned(),
-                Err(e) => e.to_string(),
+                Err(e) => chain(&e),
             };
             if received > 0 {
                 backoff = INITIAL_BACKOFF;
@@ -604,18 +628,26 @@ impl Feed {
     async fn record(&self, batch: &[SagaChange], last: &mut u64) -> Result<(), FeedError> {
         let mut recorded = Vec::with_capacity(batch.len());
         for change in batch {
-            if change.cursor <= *last {
-                debug!(participant = LOG_NAME, cursor = change.cursor, last = *last, "duplicate change ignored");
+            // The store's transaction is the duplicate guard.
+            let Some(notification) = self.store.record(change)? else {
+                debug!(
+                    participant = LOG_NAME,
+                    cursor = change.cursor,
+                    "duplicate change ignored"
+                );
                 continue;
-            }
+            };
             if self.definition.is_none() && change.cursor != *last + 1 {
                 // The unfiltered feed has no gaps; a filtered one skips the other sagas.
-                warn!(participant = LOG_NAME, after = *last, cursor = change.cursor, "gap in the change feed");
+                warn!(
+                    participant = LOG_NAME,
+                    after = *last,
+                    cursor = change.cursor,
+                    "gap in the change feed"
+                );
             }
             *last = change.cursor;
-            if let Some(notification) = self.store.record(change)? {
-                recorded.push(notification);
-            }
+            recorded.push(notification);
         }
         self.store.flush().await?;
         for n in recorded {
@@ -701,7 +733,10 @@ mod tests {
     fn jitter_stays_within_half_and_full_backoff() {
         for _ in 0..100 {
             let d = jittered(Duration::from_millis(100));
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_millis(100),
+                "{d:?}"
+            );
         }
         assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
@@ -709,7 +744,12 @@ mod tests {
     #[test]
     fn orchestrator_url_must_be_http() {
         assert!(orchestrator_endpoint("http://127.0.0.1:50051").is_ok());
-        for bad in ["127.0.0.1:50051", "https://127.0.0.1:50051", "http://", "not a url"] {
+        for bad in [
+            "127.0.0.1:50051",
+            "https://127.0.0.1:50051",
+            "http://",
+            "not a url",
+        ] {
             assert!(
                 matches!(
                     orchestrator_endpoint(bad),
@@ -724,10 +764,30 @@ mod tests {
     async fn the_store_ignores_changes_at_or_below_its_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _closed) = Store::open(dir.path()).unwrap();
-        assert!(store.record(&change(1, "s-1", SagaStatus::Running, "")).unwrap().is_some());
-        assert!(store.record(&change(2, "s-10", SagaStatus::Running, "")).unwrap().is_some());
-        assert!(store.record(&change(2, "s-1", SagaStatus::Waiting, "")).unwrap().is_none());
-        assert!(store.record(&change(1, "s-1", SagaStatus::Running, "")).unwrap().is_none());
+        assert!(
+            store
+                .record(&change(1, "s-1", SagaStatus::Running, ""))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .record(&change(2, "s-10", SagaStatus::Running, ""))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .record(&change(2, "s-1", SagaStatus::Waiting, ""))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .record(&change(1, "s-1", SagaStatus::Running, ""))
+                .unwrap()
+                .is_none()
+        );
         // Written but not yet durable: not listed.
         assert_eq!(store.list("").unwrap(), (vec![], 0));
         assert_eq!(store.flush().await.unwrap(), 2);
@@ -744,8 +804,12 @@ mod tests {
     async fn saga_ids_with_the_separator_do_not_leak_into_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _closed) = Store::open(dir.path()).unwrap();
-        store.record(&change(1, "a", SagaStatus::Running, "")).unwrap();
-        store.record(&change(2, "a\0b", SagaStatus::Running, "")).unwrap();
+        store
+            .record(&change(1, "a", SagaStatus::Running, ""))
+            .unwrap();
+        store
+            .record(&change(2, "a\0b", SagaStatus::Running, ""))
+            .unwrap();
         store.flush().await.unwrap();
         let cursors = |id| {
             let (list, _) = store.list(id).unwrap();

@@ -54,8 +54,11 @@ async fn check_reports_a_summary_that_disagrees_with_its_log() -> anyhow::Result
         let mut summary: serde_json::Value = serde_json::from_slice(&bytes)?;
         summary["status"] = json!("COMPENSATED");
         sagas.insert(saga.saga_id.as_bytes(), serde_json::to_vec(&summary)?)?;
-        // And list it under COMPENSATED in the status index too (status byte 5).
+        // And list it under COMPENSATED in the status index too (status byte 5, then the
+        // creation time and the id).
         let mut index_key = vec![5u8];
+        let created = summary["created_at_ms"].as_u64().expect("created_at_ms");
+        index_key.extend_from_slice(&created.to_be_bytes());
         index_key.extend_from_slice(saga.saga_id.as_bytes());
         db.open_tree("by_status")?.insert(index_key, &[])?;
         db.flush()?;

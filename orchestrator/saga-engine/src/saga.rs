@@ -450,7 +450,9 @@ pub enum CancelRefused {
     PastPivot(String),
     #[error("saga is already compensating: {0}")]
     Compensating(String),
-    #[error("saga can no longer be cancelled: step `{0}` is done (the definition allows cancelling until `{0}`)")]
+    #[error(
+        "saga can no longer be cancelled: step `{0}` is done (the definition allows cancelling until `{0}`)"
+    )]
     PastPoint(String),
 }
 
@@ -656,10 +658,16 @@ impl Saga {
         if self.compensating {
             return pick(&statuses.compensating, "cancelling");
         }
-        let current = self.frontier().unwrap_or(self.steps.len().saturating_sub(1));
+        let current = self
+            .frontier()
+            .unwrap_or(self.steps.len().saturating_sub(1));
         (0..=current)
             .rev()
-            .filter(|&i| self.steps.get(i).is_some_and(|s| s.status != StepStatus::Skipped))
+            .filter(|&i| {
+                self.steps
+                    .get(i)
+                    .is_some_and(|s| s.status != StepStatus::Skipped)
+            })
             .find_map(|i| plan.steps.get(i).and_then(|p| p.status.clone()))
             .unwrap_or_else(|| "in progress".to_owned())
     }
@@ -816,7 +824,9 @@ impl Saga {
                 payload,
             } => {
                 let i = self.step_index(plan, step)?;
-                let accepts = plan.steps[i].awaits().map(|a| (a.signal == *signal, a.accepts(signal)));
+                let accepts = plan.steps[i]
+                    .awaits()
+                    .map(|a| (a.signal == *signal, a.accepts(signal)));
                 let s = &mut self.steps[i];
                 let Some((success, true)) = accepts.filter(|_| s.status == StepStatus::Waiting)
                 else {
@@ -880,7 +890,8 @@ impl Saga {
                     }
                     OnTimeout::Continue { at } => {
                         s.status = StepStatus::Succeeded;
-                        s.output = Some(json!({"signal": null, "payload": null, "timed_out": true}));
+                        s.output =
+                            Some(json!({"signal": null, "payload": null, "timed_out": true}));
                         for skipped in self.steps.iter_mut().take(at).skip(i + 1) {
                             if skipped.status == StepStatus::Pending {
                                 skipped.status = StepStatus::Skipped;
@@ -970,7 +981,10 @@ impl Saga {
         let step = plan.steps.get(index)?;
         let call = step.call()?;
         Some(
-            match (&call.fallback, self.steps.get(index).is_some_and(|s| s.rerouted)) {
+            match (
+                &call.fallback,
+                self.steps.get(index).is_some_and(|s| s.rerouted),
+            ) {
                 (Some(fallback), true) => (
                     fallback.participant.as_str(),
                     &fallback.action,
@@ -1207,8 +1221,7 @@ impl Saga {
     fn compensation_order(&self, plan: &Plan) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.steps.len())
             .filter(|&i| {
-                self.steps[i].attempts > 0
-                    && self.route(plan, i).is_some_and(|r| r.2.is_some())
+                self.steps[i].attempts > 0 && self.route(plan, i).is_some_and(|r| r.2.is_some())
             })
             .collect();
         order.sort_by_key(|&i| std::cmp::Reverse(self.steps[i].last_action_seq));

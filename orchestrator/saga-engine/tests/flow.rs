@@ -8,8 +8,7 @@ use prost_reflect::DescriptorPool;
 use saga_engine::definition::{compile, parse};
 use saga_engine::saga::CancelRefused;
 use saga_engine::{
-    CallError, Event, Next, Phase, Plan, Saga, SagaStatus, SignalOutcome, SignalRefused,
-    StepStatus,
+    CallError, Event, Next, Phase, Plan, Saga, SagaStatus, SignalOutcome, SignalRefused, StepStatus,
 };
 use serde_json::{Value, json};
 
@@ -188,7 +187,9 @@ fn the_accept_path_runs_to_delivered() {
     let decision = sim.plan.step("store_decision").expect("step").0;
     assert_eq!(
         sim.saga.steps[decision].output,
-        Some(json!({"signal": "store.accepted", "payload": {"eta_minutes": 25}, "timed_out": false}))
+        Some(
+            json!({"signal": "store.accepted", "payload": {"eta_minutes": 25}, "timed_out": false})
+        )
     );
     assert_eq!(sim.compensations(), Vec::<&str>::new());
     assert_eq!(sim.replayed(), sim.saga);
@@ -204,7 +205,10 @@ fn a_store_rejection_compensates_in_reverse() {
     assert_eq!(sim.saga.status(), SagaStatus::Compensated);
     assert_eq!(sim.compensations(), ["submit_order", "authorize_payment"]);
     let reason = sim.saga.reason.clone().expect("reason");
-    assert!(reason.contains("signal `store.rejected` received"), "{reason}");
+    assert!(
+        reason.contains("signal `store.rejected` received"),
+        "{reason}"
+    );
     assert_eq!(
         sim.saga.business_status(&sim.plan),
         "order could not be placed, payment refunded"
@@ -271,7 +275,9 @@ fn early_signals_are_kept_and_taken_in_order() {
     let outcome = sim
         .signal("store.accepted", json!({"eta_minutes": 10}))
         .expect("kept");
-    assert!(matches!(outcome, SignalOutcome::Record { buffered: true, ref step, .. } if step == "store_decision"));
+    assert!(
+        matches!(outcome, SignalOutcome::Record { buffered: true, ref step, .. } if step == "store_decision")
+    );
     // The same again is a duplicate; the other answer for the same step is refused.
     assert_eq!(
         sim.signal("store.accepted", json!({"eta_minutes": 10})),
@@ -282,7 +288,12 @@ fn early_signals_are_kept_and_taken_in_order() {
     let refused = sim
         .signal("store.rejected", json!({}))
         .expect_err("one answer per step");
-    assert!(refused.to_string().contains("already has signal `store.accepted`"), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("already has signal `store.accepted`"),
+        "{refused}"
+    );
     sim.signal("cooking.started", json!({})).expect("kept");
     assert_eq!(sim.saga.buffered.len(), 2);
     // Survives a restart: it is in the log.
@@ -294,7 +305,9 @@ fn early_signals_are_kept_and_taken_in_order() {
         .signal("store.rejected", json!({}))
         .expect_err("too late");
     assert!(
-        refused.to_string().contains("already received `store.accepted`"),
+        refused
+            .to_string()
+            .contains("already received `store.accepted`"),
         "{refused}"
     );
     let unknown = sim
@@ -405,7 +418,10 @@ fn a_parallel_group_runs_together_and_compensates_in_reverse_completion_order() 
     sim.record(failed);
     assert_eq!(sim.settle(sim.now), Next::Done);
     assert_eq!(sim.saga.status(), SagaStatus::Compensated);
-    assert_eq!(sim.compensations(), ["notify_store", "reserve_rider", "pay"]);
+    assert_eq!(
+        sim.compensations(),
+        ["notify_store", "reserve_rider", "pay"]
+    );
 }
 
 #[test]

@@ -269,7 +269,11 @@ fn exhausted_retries_compensate() {
         .count();
     assert_eq!(
         store_attempts,
-        sim.plan.steps[1].call().expect("call step").retry.max_attempts as usize
+        sim.plan.steps[1]
+            .call()
+            .expect("call step")
+            .retry
+            .max_attempts as usize
     );
     assert_eq!(sim.compensations(), ["submit_order", "authorize_payment"]);
 }

@@ -13,8 +13,9 @@
 //!   only the summaries it returns. Pages continue from an opaque [`page_token`].
 //! - The change feed: every change of a saga's status or business status, in commit order,
 //!   numbered 1, 2, 3, ... with no gaps ([`Change`], [`SagaStore::changes`],
-//!   [`SagaStore::watch_changes`]). It is written in the same transaction as the summary,
-//!   so it survives restarts with nothing lost or repeated.
+//!   [`SagaStore::watch_changes`]). It is written in the same transaction as the summary
+//!   and read only up to the last flush, so a change once read is read again after a
+//!   restart, at the same cursor, and the next change takes the next cursor.
 //!
 //! Durability: a write is durable when its [`Pending`] resolves to `Ok`; a write whose
 //! `Pending` resolved to `Err` may or may not be on disk, and the caller must not
@@ -155,8 +156,7 @@ pub fn page_token(summary: &Summary) -> String {
 pub(crate) fn parse_page_token(token: &str) -> Result<(u64, &str)> {
     let invalid = || StoreError::InvalidToken(token.to_owned());
     let (created, saga_id) = token.split_once('.').ok_or_else(invalid)?;
-    if created.is_empty() || !created.bytes().all(|b| b.is_ascii_digit()) || saga_id.is_empty()
-    {
+    if created.is_empty() || !created.bytes().all(|b| b.is_ascii_digit()) || saga_id.is_empty() {
         return Err(invalid());
     }
     let created = created.parse().map_err(|_| invalid())?;

@@ -50,8 +50,8 @@ use sled::{Transactional, Tree};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    Change, Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore,
-    StoreError, StoreStats, StoredDefinition, Summary, parse_page_token,
+    Change, Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore, StoreError,
+    StoreStats, StoredDefinition, Summary, parse_page_token,
 };
 
 /// The most writes made durable by one flush.
@@ -366,7 +366,8 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
 /// the process but neither flushes the drive's volatile cache nor the file's metadata; the
 /// fdatasync makes an acknowledged write survive a power loss too.
 fn sync_to_disk(db: &sled::Db, data_file: &std::fs::File) -> Result<()> {
-    db.flush().map_err(|e| fault(format!("flush failed: {e}")))?;
+    db.flush()
+        .map_err(|e| fault(format!("flush failed: {e}")))?;
     data_file
         .sync_data()
         .map_err(|e| fault(format!("flush failed: fdatasync: {e}")))
@@ -717,8 +718,7 @@ impl Writer {
                             },
                             None => abort(StoreError::Corrupt {
                                 key: String::from_utf8_lossy(key).into_owned(),
-                                cause: "idempotency key names a saga that does not exist"
-                                    .into(),
+                                cause: "idempotency key names a saga that does not exist".into(),
                             }),
                         };
                     }
@@ -821,7 +821,11 @@ impl Writer {
                     let moves = [
                         (by_created, &old_keys.by_created, &new_keys.by_created),
                         (by_status, &old_keys.by_status, &new_keys.by_status),
-                        (by_definition, &old_keys.by_definition, &new_keys.by_definition),
+                        (
+                            by_definition,
+                            &old_keys.by_definition,
+                            &new_keys.by_definition,
+                        ),
                         (
                             by_status_definition,
                             &old_keys.by_status_definition,

@@ -1,5 +1,7 @@
 //! The sled store through its public trait.
 
+mod common;
+
 use saga_engine::{Event, EventKind, SagaStatus};
 use saga_store::{
     Created, ListFilter, NewSaga, PutDefinition, SagaStore, SledStore, StoreError,
@@ -310,5 +312,153 @@ async fn a_newer_format_is_refused_not_misread() -> anyhow::Result<()> {
         }
     );
     assert!(err.to_string().contains("refusing to misread it"), "{err}");
+    Ok(())
+}
+
+/// Format 1's status index key: `status(u8) saga_id`.
+fn format_1_status_key(status: SagaStatus, saga_id: &str) -> Vec<u8> {
+    let byte = match status {
+        SagaStatus::Running => 1,
+        SagaStatus::Waiting => 2,
+        SagaStatus::Compensating => 3,
+        SagaStatus::Completed => 4,
+        SagaStatus::Compensated => 5,
+        SagaStatus::Failed => 6,
+    };
+    let mut key = vec![byte];
+    key.extend_from_slice(saga_id.as_bytes());
+    key
+}
+
+#[tokio::test]
+async fn a_format_1_directory_is_upgraded_on_open() -> anyhow::Result<()> {
+    // With the format key, and from before the key existed.
+    for format_1_key in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let mut records = Vec::new();
+        {
+            let store = SledStore::open(dir.path())?;
+            for i in 0..12u64 {
+                let definition = if i % 2 == 0 { "alpha" } else { "beta" };
+                let created = common::BASE_MS + (i * 5) % 12;
+                let s = common::summary(&format!("m-{i:02}"), definition, created);
+                store.create(common::new_saga(&s)).await?;
+                let s = match i % 3 {
+                    0 => s,
+                    1 => {
+                        let (events, next) = common::step(&s, SagaStatus::Completed, "done");
+                        store.append(events, next.clone()).await?;
+                        next
+                    }
+                    _ => {
+                        let (events, next) = common::step(&s, SagaStatus::Waiting, "waiting");
+                        store.append(events, next.clone()).await?;
+                        next
+                    }
+                };
+                records.push(s);
+            }
+        }
+        // Leave the directory as format 1 left it: its two indexes in their old layout,
+        // none of the new trees, summaries without a business status.
+        {
+            let db = sled::open(dir.path())?;
+            for tree in ["by_created", "by_status_definition", "changes"] {
+                db.drop_tree(tree)?;
+            }
+            let by_status = db.open_tree("by_status")?;
+            let by_definition = db.open_tree("by_definition")?;
+            by_status.clear()?;
+            by_definition.clear()?;
+            let sagas = db.open_tree("sagas")?;
+            for s in &records {
+                by_status.insert(format_1_status_key(s.status, &s.saga_id), &[])?;
+                let mut key = s.definition.as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(s.saga_id.as_bytes());
+                by_definition.insert(key, &[])?;
+                let mut json = serde_json::to_value(s)?;
+                json.as_object_mut()
+                    .and_then(|o| o.remove("business_status"))
+                    .expect("a business status to remove");
+                sagas.insert(s.saga_id.as_bytes(), serde_json::to_vec(&json)?)?;
+            }
+            let meta = db.open_tree("meta")?;
+            if format_1_key {
+                meta.insert("format_version", &1u32.to_be_bytes())?;
+            } else {
+                meta.remove("format_version")?;
+            }
+            db.flush()?;
+        }
+        for s in &mut records {
+            s.business_status = String::new();
+        }
+
+        let store = SledStore::open(dir.path())?;
+        // Every combination of filters finds exactly its sagas, newest first.
+        let statuses = [
+            None,
+            Some(SagaStatus::Running),
+            Some(SagaStatus::Waiting),
+            Some(SagaStatus::Completed),
+        ];
+        for status in statuses {
+            for definition in [None, Some("alpha"), Some("beta")] {
+                for (from, to) in [(None, None), (Some(3), Some(9))] {
+                    let filter = ListFilter {
+                        status,
+                        definition: definition.map(str::to_owned),
+                        created_from_ms: from.map(|f| common::BASE_MS + f),
+                        created_to_ms: to.map(|t| common::BASE_MS + t),
+                    };
+                    let mut want: Vec<&Summary> = records
+                        .iter()
+                        .filter(|s| {
+                            status.is_none_or(|st| st == s.status)
+                                && definition.is_none_or(|d| d == s.definition)
+                                && filter.created_from_ms.is_none_or(|f| s.created_at_ms >= f)
+                                && filter.created_to_ms.is_none_or(|t| s.created_at_ms < t)
+                        })
+                        .collect();
+                    want.sort_by(|a, b| {
+                        (b.created_at_ms, &b.saga_id).cmp(&(a.created_at_ms, &a.saga_id))
+                    });
+                    let want: Vec<Summary> = want.into_iter().cloned().collect();
+                    assert_eq!(store.list(&filter, None, 100)?, want, "{filter:?}");
+                }
+            }
+        }
+        let mut indexed = store.status_index()?;
+        indexed.sort_by(|a, b| a.1.cmp(&b.1));
+        let summaries: Vec<(SagaStatus, String)> = store
+            .summaries()?
+            .into_iter()
+            .map(|s| (s.status, s.saga_id))
+            .collect();
+        assert_eq!(indexed, summaries);
+        assert_eq!(store.unfinished()?.len(), 8);
+        // The feed starts with the first change after the upgrade.
+        assert!(store.changes(0, 10)?.is_empty());
+        let (events, next) = common::step(&records[0], SagaStatus::Completed, "done");
+        store.append(events, next).await?;
+        assert_eq!(
+            store
+                .changes(0, 10)?
+                .iter()
+                .map(|c| c.cursor)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+        drop(store);
+        let db = sled::open(dir.path())?;
+        assert_eq!(
+            db.open_tree("meta")?
+                .get("format_version")?
+                .map(|v| v.to_vec()),
+            Some(2u32.to_be_bytes().to_vec()),
+            "the upgrade is recorded"
+        );
+    }
     Ok(())
 }

@@ -17,8 +17,8 @@ use crate::convert;
 #[command(
     name = "sagactl",
     version,
-    about = "Start, inspect, watch and cancel sagas",
-    after_help = "Exit status: 0 on success; 1 on an error; with --wait, 3 when the saga ended COMPENSATED or FAILED."
+    about = "Start, inspect, watch, signal and cancel sagas; validate definitions",
+    after_help = "Exit status: 0 on success; 1 on an error; with --wait, 3 when the saga ended COMPENSATED or FAILED; validate: 2 when a definition has problems."
 )]
 pub struct Cli {
     /// The orchestrator's gRPC endpoint.
@@ -75,6 +75,48 @@ pub enum Command {
         /// From a previous page's "next page" token.
         #[arg(long)]
         page_token: Option<String>,
+        /// Only sagas created at or after this time: milliseconds since the epoch, or a
+        /// duration ago such as 15m or 2h.
+        #[arg(long)]
+        created_after: Option<String>,
+        /// Only sagas created before this time (same forms as --created-after).
+        #[arg(long)]
+        created_before: Option<String>,
+    },
+    /// Deliver a signal to a saga, e.g. `sagactl signal ID store.accepted '{"eta_minutes":20}'`.
+    Signal {
+        saga_id: String,
+        /// The signal's name, as the definition's await step names it.
+        signal: String,
+        /// The payload as a JSON object, or @FILE.
+        #[arg(default_value = "{}")]
+        payload: String,
+    },
+    /// Stream every status change of every saga (the feed notifiers consume).
+    Changes {
+        /// Only changes to this status.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        definition: Option<String>,
+        /// Start after this cursor (0: from the beginning).
+        #[arg(long, default_value_t = 0)]
+        after_cursor: u64,
+        /// Stop after this many changes (default: follow until interrupted).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Check definition files and print every problem with file:line (no orchestrator needed).
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Check methods against the reference participants' protos built into sagactl
+        /// (payment, store, rider) instead of asking each participant by reflection.
+        #[arg(long)]
+        builtin_descriptors: bool,
+        /// Give up on a participant's reflection after this long.
+        #[arg(long, default_value = "3s")]
+        reflection_timeout: String,
     },
     /// Stream a saga's events until it is terminal.
     Watch { saga_id: String },
@@ -170,6 +212,11 @@ pub fn saga_json(s: &pb::Saga) -> Value {
         "status": status_name(s.status),
         "reason": s.reason,
         "waiting_for": s.waiting_for,
+        "business_status": s.business_status,
+        "awaiting_signals": s.awaiting_signals,
+        "buffered_signals": s.buffered_signals,
+        "wake_at_ms": time(&s.wake_at),
+        "deadline_ms": time(&s.deadline),
         "idempotency_key": s.idempotency_key,
         "input": s.input.as_ref().map_or(Value::Null, convert::struct_to_json),
         "created_at_ms": time(&s.created_at),
@@ -213,6 +260,12 @@ fn saga_table(s: &pb::Saga) -> String {
     let _ = writeln!(out, "saga        {}", s.saga_id);
     let _ = writeln!(out, "definition  {} v{}", s.definition, s.version);
     let _ = writeln!(out, "status      {}", status_name(s.status));
+    if !s.business_status.is_empty() {
+        let _ = writeln!(out, "order       {}", s.business_status);
+    }
+    if !s.buffered_signals.is_empty() {
+        let _ = writeln!(out, "kept        {}", s.buffered_signals.join(", "));
+    }
     if !s.reason.is_empty() {
         let _ = writeln!(out, "reason      {}", s.reason);
     }
@@ -301,16 +354,138 @@ fn breakers_table(breakers: &[pb::CircuitBreaker]) -> String {
 }
 
 fn read_input(input: &str) -> anyhow::Result<prost_types::Struct> {
+    read_object(input, "--input")
+}
+
+/// A JSON object given inline or as @FILE; `what` names the argument in errors.
+fn read_object(input: &str, what: &str) -> anyhow::Result<prost_types::Struct> {
     let text = match input.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read input file {path}"))?,
+            .with_context(|| format!("cannot read {what} file {path}"))?,
         None => input.to_owned(),
     };
-    let value: Value = serde_json::from_str(&text).context("--input is not valid JSON")?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))?;
     if !value.is_object() {
-        bail!("--input must be a JSON object, like '{{\"order_id\":\"o-1\"}}'");
+        bail!("{what} must be a JSON object, like '{{\"order_id\":\"o-1\"}}'");
     }
     Ok(convert::json_to_struct(&value))
+}
+
+/// `--created-after` / `--created-before`: milliseconds since the epoch, or a duration ago.
+fn time_arg(text: &str, what: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let ms = match text.trim().parse::<u64>() {
+        Ok(ms) => ms,
+        Err(_) => {
+            let ago = saga_engine::duration::parse_duration(text.trim()).map_err(|e| {
+                anyhow::anyhow!("{what} `{text}`: not milliseconds since the epoch nor a duration ago (like 15m): {e}")
+            })?;
+            crate::runtime::now_ms().saturating_sub(ago.as_millis() as u64)
+        }
+    };
+    Ok(convert::timestamp(ms))
+}
+
+fn status_arg(status: Option<String>) -> anyhow::Result<pb::SagaStatus> {
+    Ok(match status {
+        None => pb::SagaStatus::Unspecified,
+        Some(s) => match saga_engine::SagaStatus::parse(&s) {
+            Some(s) => convert::saga_status(s),
+            None => bail!(
+                "--status `{s}` is not one of RUNNING, WAITING, COMPENSATING, COMPLETED, COMPENSATED, FAILED"
+            ),
+        },
+    })
+}
+
+/// `sagactl validate`: every problem of every file, each with file:line.
+async fn validate(
+    files: &[PathBuf],
+    builtin: bool,
+    reflection_timeout: &str,
+) -> anyhow::Result<Outcome> {
+    let wait = saga_engine::duration::parse_duration(reflection_timeout)
+        .map_err(|e| anyhow::anyhow!("--reflection-timeout `{reflection_timeout}`: {e}"))?;
+    let builtin_pool = if builtin {
+        Some(
+            prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
+                .context("built-in descriptors do not decode")?,
+        )
+    } else {
+        None
+    };
+    let mut text = String::new();
+    let mut problems = 0usize;
+    for file in files {
+        let source = file.display().to_string();
+        let yaml = match std::fs::read_to_string(file) {
+            Ok(yaml) => yaml,
+            Err(e) => {
+                let _ = writeln!(text, "{source}: cannot read: {e}");
+                problems += 1;
+                continue;
+            }
+        };
+        let raw = match saga_engine::definition::parse(&source, &yaml) {
+            Ok(raw) => raw,
+            Err(errors) => {
+                for error in &errors.0 {
+                    let _ = writeln!(text, "{error}");
+                }
+                problems += errors.0.len();
+                continue;
+            }
+        };
+        let mut pools = crate::descriptors::Fetched::default();
+        for (name, participant) in &raw.participants {
+            let p = &participant.value;
+            let pool = if let Some(set) = &p.descriptor_set {
+                let path = file
+                    .parent()
+                    .map_or_else(|| PathBuf::from(&set.value), |dir| dir.join(&set.value));
+                crate::descriptors::from_file(&path)
+            } else if let Some(pool) = &builtin_pool {
+                Ok(pool.clone())
+            } else {
+                crate::descriptors::from_reflection(p.endpoint.value.trim(), wait)
+                    .await
+                    .map_err(|e| format!("{e} (start the participant, name a descriptor_set, or use --builtin-descriptors)"))
+            };
+            pools.0.insert(name.clone(), pool);
+        }
+        match saga_engine::definition::compile(&source, &yaml, &raw, &pools) {
+            Ok(plan) => {
+                let _ = writeln!(
+                    text,
+                    "{source}: ok ({}, {} steps{})",
+                    plan.name,
+                    plan.steps.len(),
+                    if plan.signals().is_empty() {
+                        String::new()
+                    } else {
+                        format!(", signals {}", plan.signals().join(", "))
+                    }
+                );
+            }
+            Err(errors) => {
+                for error in &errors.0 {
+                    let _ = writeln!(text, "{error}");
+                }
+                problems += errors.0.len();
+            }
+        }
+    }
+    if problems > 0 {
+        let _ = write!(
+            text,
+            "{problems} problem{} found",
+            if problems == 1 { "" } else { "s" }
+        );
+    }
+    Ok(Outcome {
+        text: text.trim_end().to_owned(),
+        exit_code: if problems > 0 { 2 } else { 0 },
+    })
 }
 
 fn grpc(status: tonic::Status) -> anyhow::Error {
@@ -344,6 +519,14 @@ async fn watch(
 
 /// Runs one command against the orchestrator.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    if let Command::Validate {
+        files,
+        builtin_descriptors,
+        reflection_timeout,
+    } = &cli.command
+    {
+        return validate(files, *builtin_descriptors, reflection_timeout).await;
+    }
     let channel = tonic::transport::Endpoint::from_shared(cli.endpoint.clone())
         .with_context(|| format!("bad --endpoint `{}`", cli.endpoint))?
         .connect()
@@ -433,22 +616,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             definition,
             page_size,
             page_token,
+            created_after,
+            created_before,
         } => {
-            let status = match status {
-                None => pb::SagaStatus::Unspecified,
-                Some(s) => match saga_engine::SagaStatus::parse(&s) {
-                    Some(s) => convert::saga_status(s),
-                    None => bail!(
-                        "--status `{s}` is not one of RUNNING, WAITING, COMPENSATING, COMPLETED, COMPENSATED, FAILED"
-                    ),
-                },
-            };
+            let status = status_arg(status)?;
             let page = client
                 .list_sagas(pb::ListSagasRequest {
                     status: status as i32,
                     definition: definition.unwrap_or_default(),
                     page_size,
                     page_token: page_token.unwrap_or_default(),
+                    created_after: created_after
+                        .map(|t| time_arg(&t, "--created-after"))
+                        .transpose()?,
+                    created_before: created_before
+                        .map(|t| time_arg(&t, "--created-before"))
+                        .transpose()?,
                 })
                 .await
                 .map_err(grpc)?
@@ -458,23 +641,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     .sagas
                     .iter()
                     .map(|s| json!({"saga_id": s.saga_id, "definition": s.definition, "version": s.version,
-                        "status": status_name(s.status), "created_at_ms": time(&s.created_at), "updated_at_ms": time(&s.updated_at)}))
+                        "status": status_name(s.status), "business_status": s.business_status,
+                        "created_at_ms": time(&s.created_at), "updated_at_ms": time(&s.updated_at)}))
                     .collect();
                 text = json!({"sagas": sagas, "next_page_token": page.next_page_token}).to_string();
             } else {
                 let _ = writeln!(
                     text,
-                    "{:<38} {:<22} {:>3} {:<13}",
+                    "{:<38} {:<22} {:>3} {:<13} ORDER STATUS",
                     "SAGA", "DEFINITION", "V", "STATUS"
                 );
                 for s in &page.sagas {
                     let _ = writeln!(
                         text,
-                        "{:<38} {:<22} {:>3} {:<13}",
+                        "{:<38} {:<22} {:>3} {:<13} {}",
                         s.saga_id,
                         s.definition,
                         s.version,
-                        status_name(s.status)
+                        status_name(s.status),
+                        s.business_status
                     );
                 }
                 if !page.next_page_token.is_empty() {
@@ -492,6 +677,89 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
             .await?;
         }
+        Command::Signal {
+            saga_id,
+            signal,
+            payload,
+        } => {
+            let payload = read_object(&payload, "payload")?;
+            let reply = client
+                .signal_saga(pb::SignalSagaRequest {
+                    saga_id: saga_id.clone(),
+                    signal: signal.clone(),
+                    payload: Some(payload),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            text = if json_out {
+                json!({"saga_id": saga_id, "signal": signal, "step": reply.step, "status": status_name(reply.status),
+                       "buffered": reply.buffered, "duplicate": reply.duplicate})
+                .to_string()
+            } else if reply.duplicate {
+                format!(
+                    "signal {signal} was already delivered to saga {saga_id} (step {}); nothing changed",
+                    reply.step
+                )
+            } else if reply.buffered {
+                format!(
+                    "signal {signal} kept for step {} of saga {saga_id}, which has not started yet; status {}",
+                    reply.step,
+                    status_name(reply.status)
+                )
+            } else {
+                format!(
+                    "signal {signal} taken by step {} of saga {saga_id}; status {}",
+                    reply.step,
+                    status_name(reply.status)
+                )
+            };
+        }
+        Command::Changes {
+            status,
+            definition,
+            after_cursor,
+            limit,
+        } => {
+            let status = status_arg(status)?;
+            let mut stream = client
+                .watch_sagas(pb::WatchSagasRequest {
+                    status: status as i32,
+                    definition: definition.unwrap_or_default(),
+                    after_cursor,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let mut seen = 0u64;
+            while limit.is_none_or(|l| seen < l) {
+                let Some(change) = stream.message().await.map_err(grpc)? else {
+                    break;
+                };
+                seen += 1;
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"cursor": change.cursor, "saga_id": change.saga_id, "definition": change.definition,
+                               "version": change.version, "status": status_name(change.status),
+                               "business_status": change.business_status, "at_ms": time(&change.at), "seq": change.seq})
+                    );
+                } else {
+                    println!(
+                        "{:>8} {:<38} {:<13} {}",
+                        change.cursor,
+                        change.saga_id,
+                        status_name(change.status),
+                        change.business_status
+                    );
+                }
+            }
+        }
+        Command::Validate {
+            files,
+            builtin_descriptors,
+            reflection_timeout,
+        } => return validate(&files, builtin_descriptors, &reflection_timeout).await,
         Command::Cancel { saga_id, reason } => {
             let reply = client
                 .cancel_saga(pb::CancelSagaRequest {

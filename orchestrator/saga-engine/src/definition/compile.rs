@@ -145,9 +145,10 @@ pub fn compile(
         .enumerate()
         .map(|(i, s)| (s.value.name.value.as_str(), i))
         .collect();
-    let pivot_index = raw.steps.iter().position(|s| {
-        s.value.kind.as_ref().map(|k| k.value.as_str()) == Some("pivot")
-    });
+    let pivot_index = raw
+        .steps
+        .iter()
+        .position(|s| s.value.kind.as_ref().map(|k| k.value.as_str()) == Some("pivot"));
     let mut signals: BTreeMap<String, (String, u32)> = BTreeMap::new();
     let mut finished_groups = BTreeSet::new();
     for (index, step) in raw.steps.iter().enumerate() {
@@ -172,7 +173,9 @@ pub fn compile(
                 errors.at(
                     line(spanned),
                     Some(&step.value.name.value),
-                    format!("parallel group `{g}` must be 1 to 64 characters of a-z, 0-9, `_` or `-`"),
+                    format!(
+                        "parallel group `{g}` must be 1 to 64 characters of a-z, 0-9, `_` or `-`"
+                    ),
                 );
             }
         }
@@ -671,9 +674,9 @@ struct Position<'a> {
 fn valid_signal(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')
-        })
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -705,44 +708,61 @@ fn compile_step(
             Some(StepKind::Compensatable)
         }
     };
-    let when = s.when.as_ref().and_then(|w| match Condition::compile(&w.value) {
-        Ok(condition) => Some(condition),
-        Err(message) => {
-            errors.at(line(w), Some(name), message);
-            None
-        }
-    });
+    let when = s
+        .when
+        .as_ref()
+        .and_then(|w| match Condition::compile(&w.value) {
+            Ok(condition) => Some(condition),
+            Err(message) => {
+                errors.at(line(w), Some(name), message);
+                None
+            }
+        });
     let status = s.status.as_ref().map(|t| t.value.trim().to_owned());
     if let Some(t) = &s.status
         && (t.value.trim().is_empty() || t.value.len() > 200)
     {
-        errors.at(line(t), Some(name), "status: give 1 to 200 characters of text");
+        errors.at(
+            line(t),
+            Some(name),
+            "status: give 1 to 200 characters of text",
+        );
     }
     let group = s.parallel.as_ref().map(|g| g.value.clone());
     if let Some(g) = &s.parallel
         && declared == Some(StepKind::Pivot)
     {
-        errors.at(line(g), Some(name), "the pivot cannot run in a parallel group (it must succeed or fail on its own)");
+        errors.at(
+            line(g),
+            Some(name),
+            "the pivot cannot run in a parallel group (it must succeed or fail on its own)",
+        );
     }
 
     let body = match (&s.await_, &s.participant, &s.action) {
         (Some(wait), None, None) => {
-            let kind = match declared {
+            match declared {
                 None | Some(StepKind::Pivot) => {}
                 Some(other) => errors.at(
                     s.kind.as_ref().map_or(0, line),
                     Some(name),
                     format!("an await step cannot be {} (it has nothing to undo; only `kind: pivot` may be given)", other.as_str()),
                 ),
-            };
-            let () = kind;
+            }
             if let Some(c) = &s.compensation {
-                errors.at(line(c), Some(name), "an await step has nothing to undo; remove its `compensation`");
+                errors.at(
+                    line(c),
+                    Some(name),
+                    "an await step has nothing to undo; remove its `compensation`",
+                );
             }
             for (field, present) in [
                 ("timeout", s.timeout.as_ref().map(line)),
                 ("retry", s.retry.as_ref().map(line)),
-                ("compensation_retry", s.compensation_retry.as_ref().map(line)),
+                (
+                    "compensation_retry",
+                    s.compensation_retry.as_ref().map(line),
+                ),
                 ("on_open", s.on_open.as_ref().map(line)),
                 ("fallback", s.fallback.as_ref().map(line)),
                 ("max_defer", s.max_defer.as_ref().map(line)),
@@ -764,13 +784,17 @@ fn compile_step(
             pools,
             errors,
         )
-        .map(StepBody::Call),
+        .map(|call| StepBody::Call(Box::new(call))),
         (Some(wait), _, _) => {
             errors.at(line(wait), Some(name), "a step either awaits a signal or calls a participant: remove `participant` and `action`, or `await`");
             None
         }
         (None, _, _) => {
-            errors.at(line(step), Some(name), "a step needs `participant` and `action` (a call step), or `await` (an await step)");
+            errors.at(
+                line(step),
+                Some(name),
+                "a step needs `participant` and `action` (a call step), or `await` (an await step)",
+            );
             None
         }
     };
@@ -805,7 +829,14 @@ fn compile_await(
     let mut ok = true;
     for signal in std::iter::once(&w.signal).chain(&w.fail_on) {
         if !valid_signal(&signal.value) {
-            errors.at(line(signal), Some(name), format!("signal `{}` must be 1 to 64 characters of a-z, 0-9, `.`, `_` or `-`", signal.value));
+            errors.at(
+                line(signal),
+                Some(name),
+                format!(
+                    "signal `{}` must be 1 to 64 characters of a-z, 0-9, `.`, `_` or `-`",
+                    signal.value
+                ),
+            );
             ok = false;
         } else if let Some((step, at)) =
             signals.insert(signal.value.clone(), (name.to_owned(), line(signal)))
@@ -821,7 +852,11 @@ fn compile_await(
     let on_timeout = match w.on_timeout.as_ref().map(|o| (o, o.value.trim())) {
         None | Some((_, "fail")) => {
             if let Some(c) = &w.continue_at {
-                errors.at(line(c), Some(name), "continue_at only applies with on_timeout: continue");
+                errors.at(
+                    line(c),
+                    Some(name),
+                    "continue_at only applies with on_timeout: continue",
+                );
                 ok = false;
             }
             if position.after_pivot && declared != Some(StepKind::Pivot) && timeout.is_some() {
@@ -832,7 +867,11 @@ fn compile_await(
         }
         Some((o, "continue")) => {
             if timeout.is_none() {
-                errors.at(line(o), Some(name), "on_timeout: continue needs an await.timeout");
+                errors.at(
+                    line(o),
+                    Some(name),
+                    "on_timeout: continue needs an await.timeout",
+                );
                 ok = false;
             }
             let at = match &w.continue_at {
@@ -840,12 +879,20 @@ fn compile_await(
                 Some(c) => match position.indexes.get(c.value.as_str()) {
                     Some(&at) if at > position.index => at,
                     Some(_) => {
-                        errors.at(line(c), Some(name), format!("continue_at: `{}` is not a later step", c.value));
+                        errors.at(
+                            line(c),
+                            Some(name),
+                            format!("continue_at: `{}` is not a later step", c.value),
+                        );
                         ok = false;
                         position.index + 1
                     }
                     None => {
-                        errors.at(line(c), Some(name), format!("continue_at: no step is named `{}`", c.value));
+                        errors.at(
+                            line(c),
+                            Some(name),
+                            format!("continue_at: no step is named `{}`", c.value),
+                        );
                         ok = false;
                         position.index + 1
                     }
@@ -854,7 +901,11 @@ fn compile_await(
             OnTimeout::Continue { at }
         }
         Some((o, other)) => {
-            errors.at(line(o), Some(name), format!("unknown on_timeout `{other}` (use fail or continue)"));
+            errors.at(
+                line(o),
+                Some(name),
+                format!("unknown on_timeout `{other}` (use fail or continue)"),
+            );
             ok = false;
             OnTimeout::Fail
         }
@@ -1064,7 +1115,10 @@ fn compile_fallback(
         );
         return None;
     }
-    if s.participant.as_ref().is_some_and(|p| p.value == f.participant.value) {
+    if s.participant
+        .as_ref()
+        .is_some_and(|p| p.value == f.participant.value)
+    {
         errors.at(line(&f.participant), Some(name), "fallback: the fallback must be another participant (its breaker is the one that is open)");
     }
     match (kind, &f.compensation) {

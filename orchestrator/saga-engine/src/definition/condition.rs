@@ -85,9 +85,7 @@ impl Condition {
         }
         match self.program.execute(&cel_context) {
             Ok(cel::Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(error(format!(
-                "gave {other:?}, not true or false"
-            ))),
+            Ok(other) => Err(error(format!("gave {other:?}, not true or false"))),
             Err(e) => Err(error(e.to_string())),
         }
     }

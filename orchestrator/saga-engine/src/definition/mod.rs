@@ -7,6 +7,7 @@
 
 mod compile;
 mod condition;
+mod json_schema;
 mod raw;
 mod schema;
 
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 pub use compile::{compile, parse};
 pub use condition::{Condition, ConditionError};
+pub use json_schema::json_schema;
 pub use raw::RawDefinition;
 pub use schema::{FieldType, InputField, InputSchema};
 
@@ -128,7 +130,9 @@ impl Plan {
             .steps
             .iter()
             .filter_map(StepPlan::awaits)
-            .flat_map(|a| std::iter::once(a.signal.as_str()).chain(a.fail_on.iter().map(String::as_str)))
+            .flat_map(|a| {
+                std::iter::once(a.signal.as_str()).chain(a.fail_on.iter().map(String::as_str))
+            })
             .collect();
         signals.sort_unstable();
         signals.dedup();
@@ -143,7 +147,11 @@ impl Plan {
         };
         let same = |i: &usize| self.steps[*i].group.as_deref() == Some(group);
         let start = (0..=index).rev().take_while(same).last().unwrap_or(index);
-        let end = (index..self.steps.len()).take_while(same).last().unwrap_or(index) + 1;
+        let end = (index..self.steps.len())
+            .take_while(same)
+            .last()
+            .unwrap_or(index)
+            + 1;
         start..end
     }
 }
@@ -288,7 +296,7 @@ impl StepPlan {
 #[derive(Debug, Clone)]
 pub enum StepBody {
     /// Calls a participant (and undoes it with its compensation).
-    Call(CallStep),
+    Call(Box<CallStep>),
     /// Waits for a signal.
     Await(AwaitPlan),
 }
