@@ -70,6 +70,23 @@ pub struct Cluster {
     pub participants: BTreeMap<String, ParticipantHandle>,
     pub orchestrator: Option<Orchestrator>,
     pub client: SagaOrchestratorClient<Channel>,
+    /// The address of the orchestrator last stopped.
+    last_addr: Option<std::net::SocketAddr>,
+}
+
+/// Binds `addr` again after its listener closed (bounded retries: the port may take a
+/// moment to be free).
+async fn bind_again(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("cannot bind {addr} again"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Logs to stderr when `SAGA_TEST_LOG` is set (e.g. `SAGA_TEST_LOG=debug`), for
@@ -96,12 +113,14 @@ impl Cluster {
                 .with_context(|| format!("start {kind}"))?;
             participants.insert(kind.to_string(), handle);
         }
-        let (orchestrator, client) = start_orchestrator(&dir, &participants).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (orchestrator, client) = start_orchestrator(&dir, &participants, listener).await?;
         Ok(Cluster {
             dir,
             participants,
             orchestrator: Some(orchestrator),
             client,
+            last_addr: None,
         })
     }
 
@@ -114,15 +133,68 @@ impl Cluster {
     }
 
     /// Stops the orchestrator (in-flight calls are abandoned) and starts a new one on the
-    /// same data directory.
+    /// same data directory and the same address, as a restarted deployment would.
     pub async fn restart_orchestrator(&mut self) -> anyhow::Result<()> {
+        self.stop_orchestrator().await;
+        self.start_orchestrator_again().await
+    }
+
+    /// Stops the orchestrator; [`Cluster::start_orchestrator_again`] brings it back.
+    pub async fn stop_orchestrator(&mut self) {
         if let Some(old) = self.orchestrator.take() {
+            self.last_addr = Some(old.addr());
             old.shutdown().await;
         }
-        let (orchestrator, client) = start_orchestrator(&self.dir, &self.participants).await?;
+    }
+
+    /// Starts an orchestrator on the data directory (and address) of the stopped one.
+    pub async fn start_orchestrator_again(&mut self) -> anyhow::Result<()> {
+        let listener = match self.last_addr {
+            Some(addr) => bind_again(addr).await?,
+            None => TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let (orchestrator, client) =
+            start_orchestrator(&self.dir, &self.participants, listener).await?;
         self.orchestrator = Some(orchestrator);
         self.client = client;
         Ok(())
+    }
+
+    /// The orchestrator's gRPC URL.
+    pub fn orchestrator_url(&self) -> String {
+        let addr = self
+            .orchestrator
+            .as_ref()
+            .map(Orchestrator::addr)
+            .or(self.last_addr)
+            .expect("an orchestrator was started");
+        format!("http://{addr}")
+    }
+
+    /// Polls GetSaga (under [`DEADLINE`]) until `ready` holds; returns the saga.
+    pub async fn wait_until(
+        &mut self,
+        saga_id: &str,
+        what: &str,
+        ready: impl Fn(&pb::Saga) -> bool,
+    ) -> anyhow::Result<pb::Saga> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let saga = self
+                .client
+                .get_saga(pb::GetSagaRequest {
+                    saga_id: saga_id.to_owned(),
+                })
+                .await?
+                .into_inner();
+            if ready(&saga) {
+                return Ok(saga);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("saga {saga_id} never got to {what}: {saga:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Starts a saga of `definition` with `input` and an optional idempotency key.
@@ -176,8 +248,8 @@ impl Cluster {
 async fn start_orchestrator(
     dir: &TempDir,
     participants: &BTreeMap<String, ParticipantHandle>,
+    listener: TcpListener,
 ) -> anyhow::Result<(Orchestrator, SagaOrchestratorClient<Channel>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
     let config = orchestrator::Config {
         data: dir.path().join("orchestrator"),
         sagas: Some(sagas_dir()),

@@ -9,7 +9,9 @@
 
 use std::borrow::Cow;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, generate::SchemaSettings, json_schema};
+use schemars::generate::SchemaSettings;
+use schemars::transform::RecursiveTransform;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::Value;
 
 use super::raw::RawDefinition;
@@ -17,9 +19,28 @@ use super::raw::RawDefinition;
 /// The JSON Schema (draft 2020-12) of a definition file, as kept in `sagas/schema.json`.
 pub fn json_schema() -> Value {
     SchemaSettings::draft2020_12()
+        .with_transform(RecursiveTransform(tidy))
         .into_generator()
         .into_root_schema_for::<RawDefinition>()
         .to_value()
+}
+
+/// Drops `"default": null` (an editor would offer to write `null`) and joins the lines of
+/// descriptions that come from wrapped doc comments.
+fn tidy(schema: &mut Schema) {
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    if object.get("default").is_some_and(Value::is_null) {
+        object.remove("default");
+    }
+    if let Some(Value::String(text)) = object.get_mut("description") {
+        *text = text
+            .split("\n\n")
+            .map(|paragraph| paragraph.replace('\n', " "))
+            .collect::<Vec<_>>()
+            .join("\n\n");
+    }
 }
 
 /// A duration, as [`crate::duration::parse_duration`] reads it.
@@ -33,7 +54,8 @@ impl JsonSchema for Duration {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "description": "A number and a unit, `ms`, `s`, `m` or `h`: e.g. `500ms`, `2s`, `1.5s`, `5m`, `1h`; at most a week.",
+            "description": "A number and a unit, `ms`, `s`, `m` or `h`: e.g. `500ms`, `2s`, \
+                `1.5s`, `5m`, `1h`; at most a week.",
             "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*$",
             "examples": ["500ms", "2s", "5m", "1h"],
         })
@@ -68,7 +90,8 @@ impl JsonSchema for Signal {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "description": "1 to 64 characters of a-z, 0-9, `.`, `_` or `-`, e.g. `store.accepted`.",
+            "description": "1 to 64 characters of a-z, 0-9, `.`, `_` or `-`, \
+                e.g. `store.accepted`.",
             "pattern": r"^[a-z0-9._-]{1,64}$",
         })
     }

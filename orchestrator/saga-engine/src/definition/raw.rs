@@ -1,7 +1,8 @@
 //! The YAML shape of a definition, as written, with source positions kept for errors.
 //!
-//! The structs also derive the definition language's JSON Schema (see [`super::json_schema`]):
-//! doc comments become descriptions, and `Spanned` fields name the plain type they hold.
+//! The structs also derive the definition language's JSON Schema (see
+//! [`super::json_schema()`]): doc comments become descriptions, and `Spanned` fields name the
+//! plain type they hold.
 
 use std::collections::BTreeMap;
 
