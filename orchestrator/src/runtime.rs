@@ -26,7 +26,7 @@ use saga_engine::saga::{Call, CancelRefused};
 use saga_engine::{
     CallError, Event, EventKind, Next, Phase, Plan, Saga, SagaStatus, SignalOutcome, SignalRefused,
 };
-use saga_store::{Created, ListFilter, NewSaga, SagaStore, Summary};
+use saga_store::{Appended, Created, ListFilter, NewSaga, SagaStore, Summary};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -514,8 +514,9 @@ struct Driver {
     plan: Arc<Plan>,
     saga: Saga,
     digest: String,
-    /// Recorded and applied, not yet durable.
-    pending: Vec<(Event, SagaStatus)>,
+    /// Recorded and applied, not yet durable, with the status and business status after
+    /// each.
+    pending: Vec<(Event, SagaStatus, String)>,
 }
 
 impl Driver {
@@ -546,7 +547,8 @@ impl Driver {
     fn record(&mut self, event: Event) -> Result<(), Stop> {
         self.saga.apply(&self.plan, &event)?;
         log_event(&self.saga.id, &event);
-        self.pending.push((event, self.saga.status()));
+        let business = self.saga.business_status(&self.plan);
+        self.pending.push((event, self.saga.status(), business));
         Ok(())
     }
 
@@ -556,13 +558,24 @@ impl Driver {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let events = pending.iter().map(|(e, _)| e.clone()).collect();
+        let mut events = Vec::with_capacity(pending.len());
+        let mut statuses = Vec::with_capacity(pending.len());
+        let mut published = Vec::with_capacity(pending.len());
+        for (event, status, business) in pending {
+            events.push(event.clone());
+            statuses.push((status, business));
+            published.push((event, status));
+        }
         self.runtime
             .inner
             .store
-            .append(events, summary_of(&self.plan, &self.saga, &self.digest))
+            .append_with_statuses(Appended {
+                events,
+                summary: summary_of(&self.plan, &self.saga, &self.digest),
+                statuses,
+            })
             .await?;
-        self.runtime.publish(&self.saga.id, pending);
+        self.runtime.publish(&self.saga.id, published);
         Ok(())
     }
 

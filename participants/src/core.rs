@@ -341,7 +341,7 @@ impl Core {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new().path(data_dir).open()?;
+        let db = open_db(data_dir)?;
         let (closed_tx, closed_rx) = oneshot::channel();
         let core = Core {
             kind,
@@ -534,4 +534,23 @@ impl Core {
 fn idempotency_key(metadata: &MetadataMap) -> Option<String> {
     let key = metadata.get(IDEMPOTENCY_KEY)?.to_str().ok()?.trim();
     (!key.is_empty()).then(|| key.to_owned())
+}
+
+/// Opens a participant's sled database. A database just closed in this process may hold its
+/// file lock a moment longer (sled's flusher thread exits after the handle is dropped), so
+/// a lock conflict is retried for up to 2 s.
+pub(crate) fn open_db(data_dir: &Path) -> Result<sled::Db, ParticipantError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(data_dir).open() {
+            Err(sled::Error::Io(io))
+                if (io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return Ok(opened?),
+        }
+    }
 }

@@ -355,7 +355,7 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new().path(data_dir).open()?;
+        let db = crate::core::open_db(data_dir)?;
         let notifications = db.open_tree("notifications")?;
         let by_saga = db.open_tree("by_saga")?;
         let meta = db.open_tree("meta")?;

@@ -162,11 +162,8 @@ async fn a_store_rejection_cancels_the_order_and_voids_the_payment() -> anyhow::
         ["authorize", "void"]
     );
     assert!(effects_of(&cluster.ledger(Kind::Rider).await?, &id).is_empty());
-    let store_cancelled = done.steps[1].compensated_at.clone().expect("store undone");
-    let payment_voided = done.steps[0]
-        .compensated_at
-        .clone()
-        .expect("payment undone");
+    let store_cancelled = done.steps[1].compensated_at.expect("store undone");
+    let payment_voided = done.steps[0].compensated_at.expect("payment undone");
     assert!(
         (store_cancelled.seconds, store_cancelled.nanos)
             <= (payment_voided.seconds, payment_voided.nanos)
@@ -187,7 +184,7 @@ async fn a_store_that_never_answers_times_out_at_its_time_across_a_restart() -> 
         .await?;
     let id = start(&mut cluster, "food-delivery-quick", "fd-3").await?;
     let waiting = awaiting(&mut cluster, &id, "store.accepted").await?;
-    let wait_started = waiting.steps[2].started_at.clone().expect("started");
+    let wait_started = waiting.steps[2].started_at.expect("started");
     let started_ms = wait_started.seconds * 1000 + i64::from(wait_started.nanos / 1_000_000);
 
     // The orchestrator is down when the timeout falls due, and comes back after it.
@@ -209,7 +206,7 @@ async fn a_store_that_never_answers_times_out_at_its_time_across_a_restart() -> 
         step.last_error.as_ref().map(|e| e.code.as_str()),
         Some("DEADLINE_EXCEEDED")
     );
-    let fired = step.finished_at.clone().expect("timed out");
+    let fired = step.finished_at.expect("timed out");
     let fired_ms = fired.seconds * 1000 + i64::from(fired.nanos / 1_000_000);
     assert!(fired_ms - started_ms >= 2_000, "fired early");
     // The timer is in the log: it fires as soon as the orchestrator is back, instead of

@@ -96,6 +96,16 @@ pub struct Summary {
     pub last_seq: u64,
 }
 
+/// Events to append, with the summary after them.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub events: Vec<Event>,
+    pub summary: Summary,
+    /// (status, business status) after each event, in order; empty: only the summary's
+    /// counts, after the last event.
+    pub statuses: Vec<(SagaStatus, String)>,
+}
+
 /// A saga to create: its summary and first event.
 #[derive(Debug, Clone)]
 pub struct NewSaga {
@@ -198,8 +208,19 @@ pub struct StoreStats {
 pub trait SagaStore: Send + Sync + 'static {
     /// Creates a saga unless its idempotency key already names one.
     fn create(&self, saga: NewSaga) -> Pending<Created>;
-    /// Appends events (consecutive `seq`s continuing the log) and replaces the summary.
-    fn append(&self, events: Vec<Event>, summary: Summary) -> Pending<()>;
+    /// Appends events (consecutive `seq`s continuing the log) and replaces the summary; the
+    /// change feed gets the summary's status if it changed.
+    fn append(&self, events: Vec<Event>, summary: Summary) -> Pending<()> {
+        self.append_with_statuses(Appended {
+            events,
+            summary,
+            statuses: Vec::new(),
+        })
+    }
+    /// Appends events with the saga's status and business status after each of them: the
+    /// change feed gets one change per event that changed them (so a status that lasted
+    /// between two events of one append is still reported).
+    fn append_with_statuses(&self, appended: Appended) -> Pending<()>;
     /// Stores a definition version.
     fn put_definition(&self, definition: StoredDefinition) -> Pending<PutDefinition>;
 

@@ -50,8 +50,8 @@ use sled::{Transactional, Tree};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    Change, Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore, StoreError,
-    StoreStats, StoredDefinition, Summary, parse_page_token,
+    Appended, Change, Created, ListFilter, NewSaga, Pending, PutDefinition, Result, SagaStore,
+    StoreError, StoreStats, StoredDefinition, Summary, parse_page_token,
 };
 
 /// The most writes made durable by one flush.
@@ -78,7 +78,7 @@ struct Trees {
 
 enum Op {
     Create(NewSaga, oneshot::Sender<Result<Created>>),
-    Append(Vec<Event>, Summary, oneshot::Sender<Result<()>>),
+    Append(Appended, oneshot::Sender<Result<()>>),
     PutDefinition(StoredDefinition, oneshot::Sender<Result<PutDefinition>>),
 }
 
@@ -586,7 +586,7 @@ impl Writer {
                 let f = Some(f);
                 match op {
                     Op::Create(_, tx) => Reply::Create(tx, Ok(Created::New)).send(f),
-                    Op::Append(_, _, tx) => Reply::Append(tx, Ok(())).send(f),
+                    Op::Append(_, tx) => Reply::Append(tx, Ok(())).send(f),
                     Op::PutDefinition(_, tx) => {
                         Reply::PutDefinition(tx, Ok(PutDefinition::Created)).send(f)
                     }
@@ -605,15 +605,17 @@ impl Writer {
                     replies.push(Reply::Create(tx, r.clone()));
                     if is_fault { r.err() } else { None }
                 }
-                Op::Append(new_events, summary, tx) => {
-                    let count = new_events.len() as u64;
+                Op::Append(appended, tx) => {
+                    let count = appended.events.len() as u64;
                     let cursor = self.next_cursor;
-                    let (r, is_fault) = tx_result(self.append(&new_events, &summary, cursor));
-                    if matches!(r, Ok(true)) {
-                        last_cursor = Some(cursor);
-                        self.next_cursor += 1;
+                    let (r, is_fault) = tx_result(self.append(&appended, cursor));
+                    if let Ok(changes) = r
+                        && changes > 0
+                    {
+                        last_cursor = Some(cursor + changes - 1);
+                        self.next_cursor += changes;
                     }
-                    let r = r.map(|_changed| ());
+                    let r = r.map(|_changes| ());
                     wrote |= r.is_ok() || is_fault;
                     if r.is_ok() {
                         events += count;
@@ -735,18 +737,34 @@ impl Writer {
             )
     }
 
-    /// Appends events and replaces the summary; writes a change numbered `cursor` when
-    /// the status or business status changed, and says whether it did.
+    /// Appends events and replaces the summary; writes a change, numbered from `cursor`,
+    /// for every event after which the status or business status differs from the one
+    /// before it, and says how many it wrote.
     fn append(
         &self,
-        new_events: &[Event],
-        summary: &Summary,
+        appended: &Appended,
         cursor: u64,
-    ) -> std::result::Result<bool, TransactionError<StoreError>> {
+    ) -> std::result::Result<u64, TransactionError<StoreError>> {
         let t = &self.trees;
+        let new_events = appended.events.as_slice();
+        let summary = &appended.summary;
         let id = summary.saga_id.as_str();
         let summary_json = to_json(summary).map_err(TransactionError::Abort)?;
-        let change_json = to_json(&change_of(summary, cursor)).map_err(TransactionError::Abort)?;
+        // The status after each event: given, or the summary's after the last one.
+        let after: Vec<(&Event, SagaStatus, &str)> = if appended.statuses.len() == new_events.len()
+        {
+            new_events
+                .iter()
+                .zip(&appended.statuses)
+                .map(|(e, (s, b))| (e, *s, b.as_str()))
+                .collect()
+        } else {
+            new_events
+                .last()
+                .map(|e| (e, summary.status, summary.business_status.as_str()))
+                .into_iter()
+                .collect()
+        };
         let new_keys = IndexKeys::of(summary);
         let encoded: Vec<(Vec<u8>, Vec<u8>)> = new_events
             .iter()
@@ -838,12 +856,31 @@ impl Writer {
                             index.insert(new_key.as_slice(), &[])?;
                         }
                     }
-                    let changed = (old.status, &old.business_status)
-                        != (summary.status, &summary.business_status);
-                    if changed {
-                        changes.insert(&change_key(cursor), change_json.as_slice())?;
+                    let mut previous = (old.status, old.business_status.as_str());
+                    let mut written = 0u64;
+                    for (event, status, business) in &after {
+                        if (*status, *business) == previous {
+                            continue;
+                        }
+                        previous = (*status, business);
+                        let change = Change {
+                            cursor: cursor + written,
+                            saga_id: summary.saga_id.clone(),
+                            definition: summary.definition.clone(),
+                            version: summary.version,
+                            status: *status,
+                            business_status: (*business).to_owned(),
+                            seq: event.seq,
+                            at_ms: event.at_ms,
+                        };
+                        let json = match to_json(&change) {
+                            Ok(json) => json,
+                            Err(e) => return abort(e),
+                        };
+                        changes.insert(&change_key(change.cursor), json)?;
+                        written += 1;
                     }
-                    Ok(changed)
+                    Ok(written)
                 },
             )
     }
@@ -880,8 +917,8 @@ impl SagaStore for SledStore {
         self.submit(|reply| Op::Create(saga, reply))
     }
 
-    fn append(&self, events: Vec<Event>, summary: Summary) -> Pending<()> {
-        self.submit(|reply| Op::Append(events, summary, reply))
+    fn append_with_statuses(&self, appended: Appended) -> Pending<()> {
+        self.submit(|reply| Op::Append(appended, reply))
     }
 
     fn put_definition(&self, definition: StoredDefinition) -> Pending<PutDefinition> {

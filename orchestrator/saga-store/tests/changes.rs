@@ -209,3 +209,51 @@ async fn changes_of_a_batch_that_failed_to_flush_are_not_returned() -> anyhow::R
     assert_eq!(*watch.borrow_and_update(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_append_of_several_events_reports_every_status_in_between() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path())?;
+    let a = summary("s-a", "pizza", BASE_MS);
+    store.create(new_saga(&a)).await?;
+    // Three events in one append: WAITING after the first, RUNNING after the second (a
+    // status that lasted only between two events of the write), RUNNING again after the
+    // third with the same business status: two changes, not one and not three.
+    let (mut events, _) = step(&a, SagaStatus::Waiting, "w");
+    let (more, _) = step(&a, SagaStatus::Running, "r");
+    let (last, after) = step(&a, SagaStatus::Running, "r");
+    for (i, mut event) in more.into_iter().chain(last).enumerate() {
+        event.seq = a.last_seq + 2 + i as u64;
+        events.push(event);
+    }
+    let summary = Summary {
+        last_seq: a.last_seq + 3,
+        status: SagaStatus::Running,
+        business_status: "r".into(),
+        ..after
+    };
+    store
+        .append_with_statuses(saga_store::Appended {
+            events: events.clone(),
+            summary,
+            statuses: vec![
+                (SagaStatus::Waiting, "w".into()),
+                (SagaStatus::Running, "r".into()),
+                (SagaStatus::Running, "r".into()),
+            ],
+        })
+        .await?;
+    let feed = store.changes(1, 10)?;
+    let seen: Vec<(u64, SagaStatus, &str, u64)> = feed
+        .iter()
+        .map(|c| (c.cursor, c.status, c.business_status.as_str(), c.seq))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, SagaStatus::Waiting, "w", events[0].seq),
+            (3, SagaStatus::Running, "r", events[1].seq)
+        ]
+    );
+    Ok(())
+}
