@@ -122,8 +122,15 @@ steps:
 async fn versions_are_immutable_and_sagas_stay_pinned() -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;
     let original = std::fs::read_to_string(sagas_dir().join("order-placement.yaml"))?;
-    // Same version, different text: refused.
-    let changed = original.replace("description: Authorize payment", "description: Changed");
+    // The file has no `version:`, so it was stored as version 1. Naming version 1 with a
+    // different text is refused.
+    let changed = original
+        .replace("description: Authorize payment", "description: Changed")
+        .replace(
+            "name: order-placement\n",
+            "name: order-placement\nversion: 1\n",
+        );
+    assert!(changed.contains("version: 1\n"));
     let err = cluster
         .client
         .put_definition(PutDefinitionRequest {
