@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::definition::{CallPlan, OnOpen, OnTimeout, Plan, RetryPolicy, StepKind, StepPlan};
+use crate::duration::format_time;
 use crate::template;
 
 /// Whether a call does a step or undoes it.
@@ -450,9 +451,7 @@ pub enum CancelRefused {
     PastPivot(String),
     #[error("saga is already compensating: {0}")]
     Compensating(String),
-    #[error(
-        "saga can no longer be cancelled: step `{0}` is done (the definition allows cancelling until `{0}`)"
-    )]
+    #[error("step `{0}` is done, and the definition allows cancelling only until then")]
     PastPoint(String),
 }
 
@@ -608,8 +607,8 @@ impl Saga {
                 text.push_str(&format!(" (step `{}`", p.name));
                 match (a.timeout, s.started_at_ms) {
                     (Some(t), Some(at)) => text.push_str(&format!(
-                        ", until {} ms)",
-                        at.saturating_add(t.as_millis() as u64)
+                        ", until {})",
+                        format_time(at.saturating_add(t.as_millis() as u64))
                     )),
                     _ => text.push(')'),
                 }
@@ -617,14 +616,16 @@ impl Saga {
             } else if let Some(deferral) = &s.deferral {
                 waits.push(match deferral.deadline_ms {
                     Some(at) => format!(
-                        "step `{}` deferred: {} (until {at} ms)",
-                        p.name, deferral.reason
+                        "step `{}` deferred: {} (until {})",
+                        p.name,
+                        deferral.reason,
+                        format_time(at)
                     ),
                     None => format!("step `{}` deferred: {}", p.name, deferral.reason),
                 });
             } else if s.status == StepStatus::Retrying {
                 waits.push(match s.retry_at_ms {
-                    Some(at) => format!("retry of step `{}` at {at} ms", p.name),
+                    Some(at) => format!("retry of step `{}` at {}", p.name, format_time(at)),
                     None => format!("retry of step `{}`", p.name),
                 });
             }
