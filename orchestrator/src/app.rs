@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use proto::saga::v1::saga_orchestrator_server::SagaOrchestratorServer;
 
 use crate::api::Api;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 
@@ -59,6 +60,7 @@ pub struct Orchestrator {
     shutdown_grace: Duration,
     /// The health monitor; it holds a store handle, so shutdown waits for it.
     monitor: Option<JoinHandle<()>>,
+    admin: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -73,10 +75,24 @@ impl Orchestrator {
     /// Opens the store, loads definitions (stored ones, then the `sagas` folder), resumes
     /// unfinished sagas and serves gRPC on `listener`.
     pub async fn start(config: Config, listener: TcpListener) -> Result<Orchestrator, StartError> {
+        Orchestrator::start_with_admin(config, listener, None).await
+    }
+
+    /// [`Orchestrator::start`], also serving `/metrics`, `/healthz` and `/readyz` on `admin`.
+    pub async fn start_with_admin(
+        config: Config,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+    ) -> Result<Orchestrator, StartError> {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Server(e.to_string()))?;
         let store = SledStore::open(&config.data)?;
+        let metrics = Metrics::new();
+        let flush_metrics = metrics.clone();
+        store.observe_flushes(Arc::new(move |took, writes| {
+            flush_metrics.flushed(took, writes);
+        }));
         let shared: Arc<dyn SagaStore> = Arc::new(store.clone());
         let registry = Arc::new(Registry::new(
             shared.clone(),
@@ -99,7 +115,8 @@ impl Orchestrator {
         for problem in &problems {
             tracing::error!(cause = %problem, "stored definition could not be loaded; its sagas wait for it");
         }
-        let runtime = Runtime::new(shared.clone(), registry);
+        let runtime = Runtime::new(shared.clone(), registry.clone(), metrics.clone());
+        watch_breakers(&runtime);
         let resumed = runtime.recover().await.map_err(StartError::Recover)?;
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished sagas");
@@ -152,6 +169,22 @@ impl Orchestrator {
                 ),
         );
         tracing::info!(%addr, "orchestrator serving gRPC");
+        let admin = match admin {
+            Some(listener) => {
+                let admin_addr = listener
+                    .local_addr()
+                    .map_err(|e| StartError::Server(e.to_string()))?;
+                let shutdown = runtime.clone();
+                let task = tokio::spawn(telemetry::serve_admin(
+                    listener,
+                    admin_endpoints(&runtime),
+                    async move { shutdown.shutting_down().await },
+                ));
+                tracing::info!(addr = %admin_addr, "admin endpoints: /metrics /healthz /readyz");
+                Some((admin_addr, task))
+            }
+            None => None,
+        };
         Ok(Orchestrator {
             addr,
             runtime,
@@ -161,7 +194,13 @@ impl Orchestrator {
             health: reporter,
             shutdown_grace: config.shutdown_grace,
             monitor: Some(monitor),
+            admin,
         })
+    }
+
+    /// Where the admin endpoints listen, if they were asked for.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -195,6 +234,9 @@ impl Orchestrator {
         if let Some(monitor) = self.monitor.take() {
             let _ = monitor.await;
         }
+        if let Some((_, admin)) = self.admin.take() {
+            let _ = admin.await;
+        }
         if let Some(mut server) = self.server.take() {
             match tokio::time::timeout(self.shutdown_grace, &mut server).await {
                 Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "gRPC server ended with an error"),
@@ -207,4 +249,76 @@ impl Orchestrator {
             }
         }
     }
+}
+
+/// The admin endpoints of an orchestrator: metrics read at scrape time, readiness from the
+/// store (not ready after a storage fault or once shutting down).
+fn admin_endpoints(runtime: &Runtime) -> telemetry::Admin {
+    let metrics_runtime = runtime.clone();
+    let ready_runtime = runtime.clone();
+    telemetry::Admin {
+        metrics: Arc::new(move || {
+            let breakers: Vec<(String, circuit_breaker::State)> = metrics_runtime
+                .registry()
+                .breakers()
+                .all()
+                .iter()
+                .map(|b| {
+                    let snapshot = b.snapshot();
+                    (snapshot.name, snapshot.state)
+                })
+                .collect();
+            metrics_runtime
+                .metrics()
+                .render(metrics_runtime.store().as_ref(), &breakers)
+        }),
+        ready: Arc::new(move || {
+            if ready_runtime.is_shutting_down() {
+                return Err("shutting down".to_owned());
+            }
+            ready_runtime
+                .store()
+                .health()
+                .map_err(|e| format!("store: {e}"))?;
+            if ready_runtime.registry().list().is_empty() {
+                return Err("no definitions loaded".to_owned());
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// Counts every breaker's state changes, and logs them. The observer lives in the registry,
+/// so it holds only the metrics and the runtime's shutdown signal and task tracker (never the
+/// runtime itself: that would be a cycle keeping the store open after shutdown).
+fn watch_breakers(runtime: &Runtime) {
+    let metrics = runtime.metrics().clone();
+    let (shutdown, tasks) = runtime.background();
+    runtime
+        .registry()
+        .breakers()
+        .observe(Arc::new(move |participant, breaker| {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return;
+            }
+            let metrics = metrics.clone();
+            let shutdown = shutdown.clone();
+            let participant = participant.to_owned();
+            let mut states = breaker.subscribe();
+            tasks.spawn(async move {
+                let mut last = *states.borrow_and_update();
+                loop {
+                    tokio::select! {
+                        changed = states.changed() => if changed.is_err() { return },
+                        () = shutdown.cancelled() => return,
+                    }
+                    let now = *states.borrow_and_update();
+                    if now != last {
+                        metrics.breaker_transition(&participant, last.as_str(), now.as_str());
+                        tracing::info!(participant = %participant, from = last.as_str(), to = now.as_str(), "circuit breaker state changed");
+                        last = now;
+                    }
+                }
+            });
+        }));
 }

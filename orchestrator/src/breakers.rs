@@ -3,7 +3,7 @@
 //! calls it), and shown through the API.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use circuit_breaker::{CircuitBreaker, Config, Mode, SlidingWindow, Snapshot};
 use saga_engine::definition::{BreakerSpec, WindowSpec};
@@ -28,11 +28,15 @@ pub fn config(spec: &BreakerSpec) -> Config {
     }
 }
 
+/// Told about every breaker, existing and new (for metrics).
+pub type BreakerObserver = Arc<dyn Fn(&str, &CircuitBreaker) + Send + Sync>;
+
 /// One breaker per participant name.
 #[derive(Default)]
 pub struct Breakers {
     /// A std Mutex: held only to look up or insert, never across an await.
     by_participant: Mutex<BTreeMap<String, CircuitBreaker>>,
+    observer: Mutex<Option<BreakerObserver>>,
 }
 
 impl std::fmt::Debug for Breakers {
@@ -57,11 +61,33 @@ impl Breakers {
             ),
             Some(_) => {}
             None => {
-                map.insert(
-                    participant.to_owned(),
-                    CircuitBreaker::new(participant, config(spec)),
-                );
+                let breaker = CircuitBreaker::new(participant, config(spec));
+                map.insert(participant.to_owned(), breaker.clone());
+                drop(map);
+                let observer = self
+                    .observer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(observer) = observer {
+                    observer(participant, &breaker);
+                }
             }
+        }
+    }
+
+    /// Calls `observer` for every breaker now, and for every breaker created later.
+    pub fn observe(&self, observer: BreakerObserver) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer.clone());
+        let existing: Vec<(String, CircuitBreaker)> = self
+            .by_participant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, breaker)| (name.clone(), breaker.clone()))
+            .collect();
+        for (name, breaker) in existing {
+            observer(&name, &breaker);
         }
     }
 

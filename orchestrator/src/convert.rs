@@ -200,6 +200,11 @@ pub fn saga(plan: &Plan, saga: &Saga, now_ms: u64) -> pb::Saga {
         wake_at,
         deadline: saga.deadline_ms.map(timestamp),
         buffered_signals: saga.buffered.iter().map(|b| b.signal.clone()).collect(),
+        trace_id: saga
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id.clone())
+            .unwrap_or_default(),
     }
 }
 

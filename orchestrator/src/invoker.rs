@@ -16,10 +16,13 @@ use prost_reflect::{DynamicMessage, MessageDescriptor, SerializeOptions};
 use saga_engine::CallError;
 use saga_engine::definition::CallPlan;
 use serde_json::Value;
+use telemetry::attributes;
 use tonic::client::GrpcService;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The codes after which another attempt may succeed.
 pub fn is_retryable(code: Code) -> bool {
@@ -30,27 +33,7 @@ pub fn is_retryable(code: Code) -> bool {
 }
 
 /// The gRPC code's name as the API shows it, e.g. `FAILED_PRECONDITION`.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+pub use telemetry::grpc::code_name;
 
 fn status_error(status: &Status) -> CallError {
     CallError {
@@ -168,6 +151,9 @@ impl Invoker {
     }
 
     /// Calls `plan`'s method at `endpoint` with a JSON request; the reply comes back as JSON.
+    ///
+    /// The call is one client span (OpenTelemetry RPC conventions), a child of the current
+    /// span, whose W3C trace context goes to the participant in the request metadata.
     pub async fn call(
         &self,
         endpoint: &str,
@@ -176,6 +162,59 @@ impl Invoker {
         idempotency_key: &str,
         timeout: Duration,
         breaker: Option<&CircuitBreaker>,
+    ) -> Result<Value, CallError> {
+        let (service, method) = plan.method.split_once('/').unwrap_or((&plan.method, ""));
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %plan.method,
+            otel.kind = "client",
+            { attributes::RPC_SYSTEM } = "grpc",
+            { attributes::RPC_SERVICE } = service,
+            { attributes::RPC_METHOD } = method,
+            { attributes::RPC_GRPC_STATUS_CODE } = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = self
+            .call_inner(
+                endpoint,
+                plan,
+                request,
+                idempotency_key,
+                timeout,
+                breaker,
+                &span,
+            )
+            .instrument(span.clone())
+            .await;
+        let code = match &result {
+            Ok(_) => Some(0),
+            Err(e) if e.rejected => None,
+            Err(e) => Some(code_number(&e.code)),
+        };
+        match code {
+            Some(code) => {
+                span.record(attributes::RPC_GRPC_STATUS_CODE, code);
+                if code != 0 {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            None => {
+                tracing::info!(parent: &span, breaker.state = "open", "circuit breaker rejected the call: nothing was sent");
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_inner(
+        &self,
+        endpoint: &str,
+        plan: &CallPlan,
+        request: &Value,
+        idempotency_key: &str,
+        timeout: Duration,
+        breaker: Option<&CircuitBreaker>,
+        span: &tracing::Span,
     ) -> Result<Value, CallError> {
         let message = request_message(plan, request)?;
         let channel = self.channel(endpoint)?;
@@ -188,6 +227,7 @@ impl Invoker {
             ))
         })?;
         request.metadata_mut().insert("idempotency-key", key);
+        telemetry::inject(&span.context(), request.metadata_mut());
         request.set_timeout(timeout);
         let codec = DynamicCodec {
             output: plan.output.clone(),
@@ -235,6 +275,14 @@ impl Invoker {
             }),
         }
     }
+}
+
+/// The number of a gRPC code name (`UNAVAILABLE` → 14), for `rpc.grpc.status_code`; codes
+/// of our own (a request that could not be built) count as UNKNOWN (2).
+fn code_number(name: &str) -> i64 {
+    (0..=16)
+        .find(|n| code_name(Code::from_i32(*n)) == name)
+        .map_or(2, i64::from)
 }
 
 /// One unary call over any gRPC service (a plain channel, or one behind a breaker).

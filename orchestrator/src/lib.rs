@@ -21,6 +21,7 @@ pub mod convert;
 pub mod descriptors;
 pub mod error;
 pub mod invoker;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 

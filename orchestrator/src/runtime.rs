@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use saga_engine::saga::{Call, CancelRefused};
+use saga_engine::saga::{Call, CancelRefused, TraceRef};
 use saga_engine::{
     CallError, Event, EventKind, Next, Phase, Plan, Saga, SagaStatus, SignalOutcome, SignalRefused,
 };
@@ -34,7 +34,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::invoker::Invoker;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
+use telemetry::attributes;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Largest saga input accepted, as JSON bytes.
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
@@ -91,6 +95,7 @@ struct Inner {
     events: broadcast::Sender<Published>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 /// A handle on the runtime; cheap to clone.
@@ -147,7 +152,11 @@ enum Stop {
 }
 
 impl Runtime {
-    pub fn new(store: Arc<dyn SagaStore>, registry: Arc<Registry>) -> Runtime {
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Runtime {
         let (events, _) = broadcast::channel(4096);
         Runtime {
             inner: Arc::new(Inner {
@@ -158,6 +167,7 @@ impl Runtime {
                 events,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                metrics,
             }),
         }
     }
@@ -168,6 +178,10 @@ impl Runtime {
 
     pub fn store(&self) -> &Arc<dyn SagaStore> {
         &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Starts a saga; returns `(saga_id, created, version)`. Acknowledged only once the
@@ -214,7 +228,11 @@ impl Runtime {
             idempotency_key.to_owned()
         };
         let digest = request_digest(&plan.name, &input);
-        let first = Saga::start_event(&plan, &saga_id, input, &key, now_ms());
+        // The saga's root span: its trace id and span id are stored with the saga, so runs
+        // after a restart join the same trace.
+        let span = saga_span(&plan, &saga_id, false);
+        let trace = trace_ref(&span);
+        let first = Saga::start_event_traced(&plan, &saga_id, input, &key, now_ms(), trace);
         let saga =
             Saga::from_events(&plan, [&first]).map_err(|e| Error::Internal(e.to_string()))?;
         let created = self
@@ -227,9 +245,10 @@ impl Runtime {
             .await?;
         match created {
             Created::New => {
-                tracing::info!(saga.id = %saga_id, saga.name = %plan.name, saga.version = plan.version, "saga started");
+                tracing::info!(parent: &span, saga.id = %saga_id, saga.name = %plan.name, saga.version = plan.version, "saga started");
+                self.inner.metrics.saga_started(&plan.name);
                 self.publish(&saga_id, [(first, SagaStatus::Running)]);
-                self.spawn_driver(plan.clone(), saga, digest);
+                self.spawn_driver(plan.clone(), saga, digest, span);
                 Ok((saga_id, true, plan.version))
             }
             Created::Existing(existing) => {
@@ -289,7 +308,7 @@ impl Runtime {
         }
     }
 
-    fn spawn_driver(&self, plan: Arc<Plan>, saga: Saga, digest: String) {
+    fn spawn_driver(&self, plan: Arc<Plan>, saga: Saga, digest: String, span: tracing::Span) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner
             .drivers
@@ -302,8 +321,9 @@ impl Runtime {
             saga,
             digest,
             pending: Vec::new(),
+            span: span.clone(),
         };
-        self.inner.tasks.spawn(driver.run(rx));
+        self.inner.tasks.spawn(driver.run(rx).instrument(span));
     }
 
     /// Resumes every saga that is not terminal; returns how many.
@@ -331,8 +351,12 @@ impl Runtime {
                     continue;
                 }
             };
-            tracing::info!(saga.id = %saga.id, status = saga.status().as_str(), "resuming saga");
-            self.spawn_driver(plan, saga, summary.request_digest);
+            let span = saga_span(&plan, &saga.id, true);
+            if let Some(trace) = &saga.trace {
+                join_trace(&span, trace);
+            }
+            tracing::info!(parent: &span, saga.id = %saga.id, status = saga.status().as_str(), "resuming saga");
+            self.spawn_driver(plan, saga, summary.request_digest, span);
             resumed += 1;
         }
         Ok(resumed)
@@ -468,6 +492,17 @@ impl Runtime {
         self.inner.events.subscribe()
     }
 
+    /// The shutdown signal and the task tracker that [`Runtime::shutdown`] waits for, for
+    /// background tasks that must not hold the runtime itself.
+    pub fn background(&self) -> (CancellationToken, TaskTracker) {
+        (self.inner.shutdown.clone(), self.inner.tasks.clone())
+    }
+
+    /// Whether the runtime is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
     /// Resolves when the runtime starts shutting down.
     pub fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.inner.shutdown.cancelled()
@@ -489,6 +524,57 @@ impl Runtime {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
+}
+
+/// The root span of one run of a saga (its first, or one after a restart).
+fn saga_span(plan: &Plan, saga_id: &str, resumed: bool) -> tracing::Span {
+    let name = if resumed {
+        format!("saga {} (resumed)", plan.name)
+    } else {
+        format!("saga {}", plan.name)
+    };
+    tracing::info_span!(
+        parent: None,
+        "saga",
+        otel.name = %name,
+        { attributes::SAGA_ID } = %saga_id,
+        { attributes::SAGA_NAME } = %plan.name,
+        { attributes::SAGA_VERSION } = plan.version,
+        { attributes::SAGA_STATUS } = tracing::field::Empty,
+    )
+}
+
+/// The trace id and span id of `span`, when traces are exported.
+fn trace_ref(span: &tracing::Span) -> Option<TraceRef> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then(|| TraceRef {
+        trace_id: span_context.trace_id().to_string(),
+        span_id: span_context.span_id().to_string(),
+    })
+}
+
+/// Makes `span` a child of the saga's first root span (which may be gone: it was in another
+/// process), so a resumed run stays in the saga's trace.
+fn join_trace(span: &tracing::Span, trace: &TraceRef) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    let (Ok(trace_id), Ok(span_id)) = (
+        TraceId::from_hex(&trace.trace_id),
+        SpanId::from_hex(&trace.span_id),
+    ) else {
+        return;
+    };
+    let parent = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
 }
 
 fn signal_refused(saga_id: &str, refused: SignalRefused) -> Error {
@@ -517,6 +603,8 @@ struct Driver {
     /// Recorded and applied, not yet durable, with the status and business status after
     /// each.
     pending: Vec<(Event, SagaStatus, String)>,
+    /// The root span of this run.
+    span: tracing::Span,
 }
 
 impl Driver {
@@ -547,9 +635,39 @@ impl Driver {
     fn record(&mut self, event: Event) -> Result<(), Stop> {
         self.saga.apply(&self.plan, &event)?;
         log_event(&self.saga.id, &event);
+        self.measure(&event);
         let business = self.saga.business_status(&self.plan);
         self.pending.push((event, self.saga.status(), business));
         Ok(())
+    }
+
+    /// Counts what `event` says in the metrics.
+    fn measure(&self, event: &Event) {
+        let metrics = &self.runtime.inner.metrics;
+        let definition = self.plan.name.as_str();
+        match &event.kind {
+            EventKind::StepFailed {
+                step,
+                phase,
+                retry_at_ms: Some(_),
+                ..
+            } => metrics.retry(definition, step, phase.as_str()),
+            EventKind::StepSucceeded {
+                step,
+                phase: Phase::Compensation,
+                ..
+            } => metrics.compensated(definition, step),
+            EventKind::SagaCompleted
+            | EventKind::SagaCompensated
+            | EventKind::SagaFailed { .. } => {
+                let status = self.saga.status();
+                let took =
+                    Duration::from_millis(event.at_ms.saturating_sub(self.saga.created_at_ms));
+                metrics.saga_finished(definition, status, took);
+                self.span.record(attributes::SAGA_STATUS, status.as_str());
+            }
+            _ => {}
+        }
     }
 
     /// Makes every pending event durable, then publishes it.
@@ -636,6 +754,25 @@ impl Driver {
         Ok(())
     }
 
+    /// The span of a wait without calls: what it waits for, as `saga.wait`.
+    fn wait_span(&self, wait: &saga_engine::Wait) -> tracing::Span {
+        let what = if !wait.signals.is_empty() {
+            format!("signal {}", wait.signals.join(" | "))
+        } else if !wait.breakers.is_empty() {
+            let participants: Vec<&str> = wait.breakers.iter().map(|(_, p)| p.as_str()).collect();
+            format!("breaker {}", participants.join(", "))
+        } else {
+            "timer".to_owned()
+        };
+        tracing::info_span!(
+            parent: &self.span,
+            "wait",
+            otel.name = %format!("wait {what}"),
+            { attributes::SAGA_ID } = %self.saga.id,
+            { attributes::SAGA_WAIT } = %what,
+        )
+    }
+
     /// The future of one call, owning everything it needs.
     fn start_call(&self, call: Call) -> CallFuture {
         let runtime = self.runtime.clone();
@@ -649,31 +786,66 @@ impl Driver {
             });
         let endpoint = runtime.inner.registry.endpoint(&plan, &call.participant);
         let breaker = runtime.inner.registry.breakers().get(&call.participant);
-        Box::pin(async move {
-            let Some(spec) = spec else {
-                let error = CallError {
-                    code: "INTERNAL".into(),
-                    message: format!("step `{}` has no call", call.step),
-                    retryable: false,
-                    rejected: false,
+        let step_span = tracing::info_span!(
+            parent: &self.span,
+            "step",
+            otel.name = %format!("{} {}", call.step, call.phase.as_str()),
+            { attributes::SAGA_ID } = %self.saga.id,
+            { attributes::SAGA_STEP } = %call.step,
+            { attributes::SAGA_PHASE } = call.phase.as_str(),
+            { attributes::SAGA_ATTEMPT } = call.attempt,
+            { attributes::PARTICIPANT } = %call.participant,
+            { attributes::SAGA_COMPENSATES } = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if call.phase == Phase::Compensation {
+            step_span.record(attributes::SAGA_COMPENSATES, call.step.as_str());
+        }
+        let future_span = step_span.clone();
+        Box::pin(
+            async move {
+                let Some(spec) = spec else {
+                    let error = CallError {
+                        code: "INTERNAL".into(),
+                        message: format!("step `{}` has no call", call.step),
+                        retryable: false,
+                        rejected: false,
+                    };
+                    return (call, Err(error));
                 };
-                return (call, Err(error));
-            };
-            let timeout = Duration::from_millis(call.timeout_ms);
-            let result = runtime
-                .inner
-                .invoker
-                .call(
-                    &endpoint,
-                    &spec,
-                    &call.request,
-                    &call.idempotency_key,
-                    timeout,
-                    breaker.as_ref(),
-                )
-                .await;
-            (call, result)
-        })
+                let timeout = Duration::from_millis(call.timeout_ms);
+                let started = std::time::Instant::now();
+                let result = runtime
+                    .inner
+                    .invoker
+                    .call(
+                        &endpoint,
+                        &spec,
+                        &call.request,
+                        &call.idempotency_key,
+                        timeout,
+                        breaker.as_ref(),
+                    )
+                    .await;
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) if e.rejected => CallError::CIRCUIT_OPEN,
+                    Err(e) => e.code.as_str(),
+                };
+                if result.is_err() {
+                    step_span.record("otel.status_code", "ERROR");
+                }
+                runtime.inner.metrics.step_attempt(
+                    &call.participant,
+                    &call.step,
+                    call.phase.as_str(),
+                    outcome,
+                    started.elapsed(),
+                );
+                (call, result)
+            }
+            .instrument(future_span),
+        )
     }
 
     async fn drive(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Stop> {
@@ -686,7 +858,7 @@ impl Driver {
                 self.persist().await?;
                 return Err(Stop::Shutdown);
             }
-            let wait = match self.saga.next(&self.plan, now_ms()) {
+            let mut wait = match self.saga.next(&self.plan, now_ms()) {
                 Next::Record(event) => {
                     self.record(event)?;
                     continue;
@@ -696,7 +868,7 @@ impl Driver {
             };
             // Every intent (and everything before it) is durable before its call.
             self.persist().await?;
-            for call in wait.calls {
+            for call in std::mem::take(&mut wait.calls) {
                 if !in_flight.insert(attempt_key(&call)) {
                     continue;
                 }
@@ -736,6 +908,9 @@ impl Driver {
                     futures::future::select_all(breakers).await.0
                 }
             };
+            // A wait with no call in flight is a span of its own (a signal, a timer, an
+            // open breaker), closed when the wait ends.
+            let _wait_span = (running.is_empty()).then(|| self.wait_span(&wait));
             let timer = async {
                 match wait.wake_at_ms {
                     Some(at) => {
@@ -758,6 +933,7 @@ impl Driver {
                     self.record(event)?;
                 }
                 index = breaker_ready => {
+                    tracing::info!(breaker.state = "closed", saga.step = %self.plan.steps.get(index).map_or("", |s| s.name.as_str()), "circuit breaker lets calls through again");
                     if let Some(event) = self.saga.resume(&self.plan, index, now_ms()) {
                         self.record(event)?;
                     }

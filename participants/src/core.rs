@@ -518,6 +518,15 @@ impl Core {
         Ok(Response::new(ListLedgerResponse { entries }))
     }
 
+    /// How many entries the ledger holds: its counter, one read.
+    pub(crate) fn ledger_entries(&self) -> Result<u64, ParticipantError> {
+        match self.db.get(format!("c/{LEDGER_COUNTER}"))? {
+            None => Ok(0),
+            Some(bytes) => decode_u64(&bytes)
+                .ok_or_else(|| ParticipantError::Corrupt("the ledger counter".to_owned())),
+        }
+    }
+
     fn ledger(&self) -> Result<Vec<LedgerEntry>, ParticipantError> {
         self.db
             .scan_prefix(b"l/")

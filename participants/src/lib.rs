@@ -5,6 +5,9 @@
 //!
 //! - [`spawn`] / [`serve`] (module `server`): run one participant ([`Kind`]) on a bound
 //!   listener; [`ParticipantHandle`] stops it and waits until its database is closed.
+//!   [`spawn_with`] / [`serve_with`] also take [`ParticipantOptions`]: a tracer for server
+//!   spans and a listener for the admin endpoints (`/metrics`, `/healthz`, `/readyz`).
+//! - [`observability`]: those server spans (W3C `traceparent` honoured) and the metrics.
 //! - `core`: what every participant shares: the `idempotency-key` convention (the first
 //!   result of a key is replayed, nothing is applied twice), actions and their
 //!   compensations (`<scope>/action`, `<scope>/compensation`, with tombstones for
@@ -15,10 +18,12 @@
 //! - [`notifier`]: not a saga participant but a client of the orchestrator: it follows the
 //!   orchestrator's change feed (`WatchSagas`) and records exactly one notification per saga
 //!   status change, across disconnects and restarts; [`spawn_notifier`] / [`serve_notifier`]
-//!   run it, [`NotifierHandle`] stops it.
+//!   (and their `_with` forms, taking [`ParticipantOptions`]) run it, [`NotifierHandle`]
+//!   stops it.
 
 pub mod faults;
 pub mod notifier;
+pub mod observability;
 pub mod payment;
 pub mod rider;
 pub mod server;
@@ -30,8 +35,12 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use faults::Faults;
-pub use notifier::{NotifierConfig, NotifierHandle, serve_notifier, spawn_notifier};
-pub use server::{ParticipantHandle, serve, spawn};
+pub use notifier::{
+    NotifierConfig, NotifierHandle, serve_notifier, serve_notifier_with, spawn_notifier,
+    spawn_notifier_with,
+};
+pub use observability::ParticipantOptions;
+pub use server::{ParticipantHandle, serve, serve_with, spawn, spawn_with};
 
 /// Which participant to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -50,6 +50,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
 use crate::ParticipantError;
+use crate::observability::{ParticipantOptions, Reporting, readiness};
 use crate::server::{HEALTH_SERVICE, REFLECTION_SERVICE};
 
 /// The default listen address of `participant notifier`.
@@ -90,6 +91,7 @@ pub struct NotifierConfig {
 /// A notifier running in the background, started by [`spawn_notifier`].
 pub struct NotifierHandle {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     cursor: Arc<AtomicU64>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ParticipantError>>,
@@ -108,6 +110,11 @@ impl NotifierHandle {
     /// The address the `notifier.v1.Notifier` server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the admin endpoints, when [`ParticipantOptions::admin`] was given.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The last cursor consumed from the orchestrator's feed and made durable: every change
@@ -133,6 +140,16 @@ pub async fn spawn_notifier(
     config: NotifierConfig,
     listener: TcpListener,
 ) -> Result<NotifierHandle, ParticipantError> {
+    spawn_notifier_with(config, listener, ParticipantOptions::default()).await
+}
+
+/// [`spawn_notifier`], with server spans from `options.tracer` and the admin endpoints on
+/// `options.admin`.
+pub async fn spawn_notifier_with(
+    config: NotifierConfig,
+    listener: TcpListener,
+    options: ParticipantOptions,
+) -> Result<NotifierHandle, ParticipantError> {
     let addr = listener.local_addr()?;
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let signal = async move {
@@ -141,10 +158,11 @@ pub async fn spawn_notifier(
             std::future::pending::<()>().await;
         }
     };
-    let (run, cursor) = start(config, listener, signal).await?;
+    let (run, cursor, admin_addr) = start(config, listener, options, signal).await?;
     let task = tokio::spawn(run);
     Ok(NotifierHandle {
         addr,
+        admin_addr,
         cursor,
         shutdown: shutdown_tx,
         task,
@@ -158,20 +176,34 @@ pub async fn serve_notifier(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ParticipantError> {
-    let (run, _cursor) = start(config, listener, shutdown).await?;
+    serve_notifier_with(config, listener, ParticipantOptions::default(), shutdown).await
+}
+
+/// [`serve_notifier`], with server spans from `options.tracer` and the admin endpoints on
+/// `options.admin` (served until the notifier is closed).
+pub async fn serve_notifier_with(
+    config: NotifierConfig,
+    listener: TcpListener,
+    options: ParticipantOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ParticipantError> {
+    let (run, _cursor, _admin) = start(config, listener, options, shutdown).await?;
     run.await
 }
 
-/// Opens the database and builds the server; the returned future serves and follows the
-/// feed until `shutdown`, then resolves once the database is closed.
+/// Opens the database, starts the admin server (if any) and builds the server; the returned
+/// future serves and follows the feed until `shutdown`, then resolves once the database is
+/// closed and the admin server stopped.
 async fn start(
     config: NotifierConfig,
     listener: TcpListener,
+    options: ParticipantOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<
     (
         impl Future<Output = Result<(), ParticipantError>> + Send + 'static,
         Arc<AtomicU64>,
+        Option<SocketAddr>,
     ),
     ParticipantError,
 > {
@@ -179,6 +211,15 @@ async fn start(
     let endpoint = orchestrator_endpoint(&config.orchestrator)?;
     let (store, closed) = Store::open(&config.data)?;
     let cursor = Arc::clone(&store.durable);
+    let serving = Arc::new(AtomicBool::new(true));
+    let Reporting { layer, admin } = Reporting::start(
+        options,
+        LOG_NAME,
+        SERVICE_NAME,
+        readiness(Arc::clone(&serving), Arc::downgrade(&store)),
+        None,
+    )?;
+    let admin_addr = admin.as_ref().map(|admin| admin.addr);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -195,6 +236,7 @@ async fn start(
         .with_service_name(REFLECTION_SERVICE)
         .build_v1()?;
     let router = Server::builder()
+        .layer(layer)
         .add_service(health)
         .add_service(reflection)
         .add_service(NotifierServer::new(NotifierService {
@@ -226,6 +268,7 @@ async fn start(
         let stop = Arc::clone(&stop_tx);
         let signal = async move {
             shutdown.await;
+            serving.store(false, Ordering::Release);
             info!(participant = LOG_NAME, "shutting down");
             let _ = stop.send(true);
             reporter
@@ -253,11 +296,14 @@ async fn start(
         // Resolves (with "closed") once the store and its database are dropped.
         let _ = closed.await;
         info!(participant = LOG_NAME, data = %data.display(), "closed");
+        if let Some(admin) = admin {
+            admin.stop(LOG_NAME).await;
+        }
         served?;
         fed?;
         flushed.map(drop)
     };
-    Ok((run, cursor))
+    Ok((run, cursor, admin_addr))
 }
 
 /// The orchestrator's endpoint, checked once: a plain `http://HOST:PORT` URL.

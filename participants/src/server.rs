@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use proto::payment::v1::payment_server::PaymentServer;
 use proto::rider::v1::rider_server::RiderServer;
@@ -17,6 +18,7 @@ use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::core::Core;
+use crate::observability::{ParticipantOptions, Reporting, readiness};
 use crate::payment::PaymentService;
 use crate::rider::RiderService;
 use crate::store::StoreService;
@@ -32,6 +34,8 @@ pub struct ParticipantHandle {
     pub addr: SocketAddr,
     /// The participant's fault injection and call counts.
     pub faults: Arc<Faults>,
+    /// The address of the admin endpoints, when [`ParticipantOptions::admin`] was given.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ParticipantError>>,
 }
@@ -63,6 +67,17 @@ pub async fn spawn(
     listener: TcpListener,
     data_dir: &Path,
 ) -> Result<ParticipantHandle, ParticipantError> {
+    spawn_with(kind, listener, data_dir, ParticipantOptions::default()).await
+}
+
+/// [`spawn`], with server spans from `options.tracer` and the admin endpoints on
+/// `options.admin`.
+pub async fn spawn_with(
+    kind: Kind,
+    listener: TcpListener,
+    data_dir: &Path,
+    options: ParticipantOptions,
+) -> Result<ParticipantHandle, ParticipantError> {
     let addr = listener.local_addr()?;
     let faults = Arc::new(Faults::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -72,12 +87,21 @@ pub async fn spawn(
             std::future::pending::<()>().await;
         }
     };
-    let run = start(kind, listener, data_dir, Arc::clone(&faults), signal).await?;
+    let (run, admin_addr) = start(
+        kind,
+        listener,
+        data_dir,
+        Arc::clone(&faults),
+        options,
+        signal,
+    )
+    .await?;
     let task = tokio::spawn(run);
     Ok(ParticipantHandle {
         kind,
         addr,
         faults,
+        admin_addr,
         shutdown: shutdown_tx,
         task,
     })
@@ -91,23 +115,63 @@ pub async fn serve(
     data_dir: &Path,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ParticipantError> {
+    serve_with(
+        kind,
+        listener,
+        data_dir,
+        ParticipantOptions::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`], with server spans from `options.tracer` and the admin endpoints on
+/// `options.admin` (served until the participant is closed).
+pub async fn serve_with(
+    kind: Kind,
+    listener: TcpListener,
+    data_dir: &Path,
+    options: ParticipantOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ParticipantError> {
     let faults = Arc::new(Faults::default());
-    start(kind, listener, data_dir, faults, shutdown)
+    start(kind, listener, data_dir, faults, options, shutdown)
         .await?
+        .0
         .await
 }
 
-/// Opens the database and builds the server; the returned future serves until `shutdown`,
-/// then resolves once the database is closed.
+/// Opens the database, starts the admin server (if any) and builds the server; the returned
+/// future serves until `shutdown`, then resolves once the database is closed and the admin
+/// server stopped. Also returns the admin server's address.
 async fn start(
     kind: Kind,
     listener: TcpListener,
     data_dir: &Path,
     faults: Arc<Faults>,
+    options: ParticipantOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<impl Future<Output = Result<(), ParticipantError>> + Send + 'static, ParticipantError> {
+) -> Result<
+    (
+        impl Future<Output = Result<(), ParticipantError>> + Send + 'static,
+        Option<SocketAddr>,
+    ),
+    ParticipantError,
+> {
     let addr = listener.local_addr()?;
     let (core, closed) = Core::open(kind, data_dir, faults)?;
+    let serving = Arc::new(AtomicBool::new(true));
+    let ledger = Arc::downgrade(&core);
+    let Reporting { layer, admin } = Reporting::start(
+        options,
+        kind.as_str(),
+        kind.service_name(),
+        readiness(Arc::clone(&serving), Arc::downgrade(&core)),
+        Some(Box::new(move || {
+            ledger.upgrade().and_then(|core| core.ledger_entries().ok())
+        })),
+    )?;
+    let admin_addr = admin.as_ref().map(|admin| admin.addr);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -125,6 +189,7 @@ async fn start(
         .build_v1()?;
 
     let router = Server::builder()
+        .layer(layer)
         .add_service(health)
         .add_service(reflection);
     let router = match kind {
@@ -137,33 +202,40 @@ async fn start(
     let data_dir = data_dir.to_path_buf();
     info!(participant = %kind, %addr, data = %data_dir.display(), "serving");
 
-    Ok(async move {
-        let signal = async move {
-            shutdown.await;
-            info!(participant = %kind, "shutting down");
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
+    Ok((
+        async move {
+            let signal = async move {
+                shutdown.await;
+                serving.store(false, Ordering::Release);
+                info!(participant = %kind, "shutting down");
+                reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                reporter
+                    .set_service_status(kind.service_name(), ServingStatus::NotServing)
+                    .await;
+            };
+            let served = router
+                .serve_with_incoming_shutdown(
+                    // serve_with_incoming ignores the builder's nodelay: set it on the stream, or
+                    // Nagle and delayed ACKs hold small replies back by ~40 ms.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    signal,
+                )
                 .await;
-            reporter
-                .set_service_status(kind.service_name(), ServingStatus::NotServing)
-                .await;
-        };
-        let served = router
-            .serve_with_incoming_shutdown(
-                // serve_with_incoming ignores the builder's nodelay: set it on the stream, or
-                // Nagle and delayed ACKs hold small replies back by ~40 ms.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            )
-            .await;
-        // Every call has drained: make the last writes durable, then wait for the last
-        // reference to the core (a call task may still hold one) to close the database.
-        let flushed = core.flush().await;
-        drop(core);
-        // Resolves (with "closed") once the core and its database are dropped.
-        let _ = closed.await;
-        info!(participant = %kind, data = %data_dir.display(), "closed");
-        served?;
-        flushed
-    })
+            // Every call has drained: make the last writes durable, then wait for the last
+            // reference to the core (a call task may still hold one) to close the database.
+            let flushed = core.flush().await;
+            drop(core);
+            // Resolves (with "closed") once the core and its database are dropped.
+            let _ = closed.await;
+            info!(participant = %kind, data = %data_dir.display(), "closed");
+            if let Some(admin) = admin {
+                admin.stop(kind.as_str()).await;
+            }
+            served?;
+            flushed
+        },
+        admin_addr,
+    ))
 }

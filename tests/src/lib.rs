@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 pub use orchestrator::Orchestrator;
 
 pub mod invariants;
+pub mod otlp;
 pub mod process;
 
 /// How long a scenario waits for a saga before failing.
@@ -104,13 +105,28 @@ impl Cluster {
     /// Starts the three participants and an orchestrator loading `sagas/`.
     pub async fn start() -> anyhow::Result<Cluster> {
         init_test_logging();
+        Cluster::start_with(None).await
+    }
+
+    /// [`Cluster::start`], with each participant reporting its server spans through its own
+    /// service tracer of `telemetry` (as `orchestrator dev` does).
+    pub async fn start_with(telemetry: Option<&telemetry::Telemetry>) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let mut participants = BTreeMap::new();
         for kind in [Kind::Payment, Kind::Store, Kind::Rider] {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let handle = participants::spawn(kind, listener, &dir.path().join(kind.to_string()))
-                .await
-                .with_context(|| format!("start {kind}"))?;
+            let options = participants::ParticipantOptions {
+                tracer: telemetry.and_then(|t| t.service_tracer(kind.as_str())),
+                ..Default::default()
+            };
+            let handle = participants::spawn_with(
+                kind,
+                listener,
+                &dir.path().join(kind.to_string()),
+                options,
+            )
+            .await
+            .with_context(|| format!("start {kind}"))?;
             participants.insert(kind.to_string(), handle);
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -260,7 +276,8 @@ async fn start_orchestrator(
         descriptor_wait: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
     };
-    let orchestrator = Orchestrator::start(config, listener).await?;
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let orchestrator = Orchestrator::start_with_admin(config, listener, Some(admin)).await?;
     let client = SagaOrchestratorClient::connect(format!("http://{}", orchestrator.addr())).await?;
     Ok((orchestrator, client))
 }

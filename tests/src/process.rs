@@ -88,7 +88,9 @@ impl OrchestratorProcess {
             .arg("--data")
             .arg(data)
             .arg("--sagas")
-            .arg(sagas_dir());
+            .arg(sagas_dir())
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0");
         for (name, handle) in &participants.handles {
             command
                 .arg("--participant")
@@ -100,6 +102,8 @@ impl OrchestratorProcess {
                 std::env::var("SAGA_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .env_remove("SAGA_LISTEN")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("SAGA_DATA")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

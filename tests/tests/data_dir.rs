@@ -85,7 +85,7 @@ async fn check_reports_a_summary_that_disagrees_with_its_log() -> anyhow::Result
         "--data",
         &data.display().to_string(),
     ])?;
-    let err = orchestrator::cli::orchestrator::run(cli)
+    let err = orchestrator::cli::orchestrator::run(cli, None)
         .await
         .expect_err("check must fail");
     assert!(err.to_string().contains("disagrees"), "{err}");

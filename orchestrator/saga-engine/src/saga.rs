@@ -63,6 +63,14 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// Where a saga's trace is: its trace id and the span id of its first root span (W3C
+/// hex: 32 and 16 characters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRef {
+    pub trace_id: String,
+    pub span_id: String,
+}
+
 /// One entry of a saga's event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -83,6 +91,10 @@ pub enum EventKind {
         version: u32,
         input: Value,
         idempotency_key: String,
+        /// The saga's trace (when traces are exported): every run of the saga, also after
+        /// a restart, joins it, so one saga is one trace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<TraceRef>,
     },
     /// The intent to make attempt `attempt` of a call, stored before the call is made.
     StepStarted {
@@ -479,6 +491,8 @@ pub struct Saga {
     pub received: Vec<(String, Value)>,
     /// When the whole saga's deadline passes, if the definition sets one.
     pub deadline_ms: Option<u64>,
+    /// The saga's trace, if it was started with one.
+    pub trace: Option<TraceRef>,
 }
 
 impl Saga {
@@ -491,6 +505,18 @@ impl Saga {
         idempotency_key: &str,
         now_ms: u64,
     ) -> Event {
+        Saga::start_event_traced(plan, saga_id, input, idempotency_key, now_ms, None)
+    }
+
+    /// [`Saga::start_event`] with the trace the saga belongs to.
+    pub fn start_event_traced(
+        plan: &Plan,
+        saga_id: &str,
+        input: Value,
+        idempotency_key: &str,
+        now_ms: u64,
+        trace: Option<TraceRef>,
+    ) -> Event {
         Event {
             seq: 1,
             at_ms: now_ms,
@@ -500,6 +526,7 @@ impl Saga {
                 version: plan.version,
                 input,
                 idempotency_key: idempotency_key.to_owned(),
+                trace,
             },
         }
     }
@@ -517,6 +544,7 @@ impl Saga {
             version,
             input,
             idempotency_key,
+            trace,
         } = &first.kind
         else {
             return Err(EngineError::NotStarted);
@@ -549,6 +577,7 @@ impl Saga {
             last_seq: 1,
             buffered: Vec::new(),
             received: Vec::new(),
+            trace: trace.clone(),
             deadline_ms: plan
                 .deadline
                 .map(|d| first.at_ms.saturating_add(d.as_millis() as u64)),

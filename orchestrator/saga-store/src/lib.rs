@@ -231,6 +231,8 @@ pub trait SagaStore: Send + Sync + 'static {
     /// id), starting strictly after `after`: a [`page_token`] of the previous page's last
     /// summary. A token that does not parse is [`StoreError::InvalidToken`].
     fn list(&self, filter: &ListFilter, after: Option<&str>, limit: usize) -> Result<Vec<Summary>>;
+    /// How many sagas are in `status` (from the status index; no summary is read).
+    fn count_by_status(&self, status: SagaStatus) -> Result<u64>;
     /// Every saga not in a terminal status, for recovery.
     fn unfinished(&self) -> Result<Vec<Summary>>;
     fn definitions(&self) -> Result<Vec<StoredDefinition>>;

@@ -114,7 +114,13 @@ struct Shared {
     index_entries_scanned: AtomicU64,
     /// The cursor of the last durable change: set by the writer after each flush.
     durable_cursor: watch::Sender<u64>,
+    /// Told about every flush (for metrics). A std RwLock: read once per flush.
+    flush_observer: std::sync::RwLock<Option<FlushObserver>>,
 }
+
+/// Called after every successful flush with its duration and the number of writes it made
+/// durable.
+pub type FlushObserver = Arc<dyn Fn(std::time::Duration, usize) + Send + Sync>;
 
 impl Shared {
     fn fault(&self) -> Option<String> {
@@ -507,6 +513,13 @@ impl SledStore {
         })
     }
 
+    /// Tells `observer` about every flush from now on (its duration and batch size).
+    pub fn observe_flushes(&self, observer: FlushObserver) {
+        if let Ok(mut slot) = self.inner.shared.flush_observer.write() {
+            *slot = Some(observer);
+        }
+    }
+
     /// Fault hooks for tests.
     pub fn fault_injection(&self) -> &FaultInjection {
         &self.inner.faults
@@ -645,6 +658,7 @@ impl Writer {
                 .lock()
                 .ok()
                 .and_then(|mut f| f.take());
+            let started = std::time::Instant::now();
             let flushed = match injected {
                 Some(message) => Err(fault(format!("flush failed: {message}"))),
                 None => self.sync(),
@@ -652,6 +666,15 @@ impl Writer {
             self.shared.flushes.fetch_add(1, Ordering::Relaxed);
             match flushed {
                 Ok(()) => {
+                    let observer = self
+                        .shared
+                        .flush_observer
+                        .read()
+                        .ok()
+                        .and_then(|o| o.clone());
+                    if let Some(observer) = observer {
+                        observer(started.elapsed(), replies.len());
+                    }
                     if let Some(cursor) = last_cursor {
                         // Before anyone is answered: a caller whose write resolved finds
                         // its change in the feed.
@@ -1017,6 +1040,20 @@ impl SagaStore for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn count_by_status(&self, status: SagaStatus) -> Result<u64> {
+        let mut count = 0u64;
+        for item in self
+            .inner
+            .trees
+            .by_status
+            .scan_prefix([status_byte(status)])
+        {
+            item.map_err(fault)?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     fn unfinished(&self) -> Result<Vec<Summary>> {

@@ -38,6 +38,7 @@ fn started(id: &str) -> Event {
             version: 1,
             input: json!({"a": 1}),
             idempotency_key: "k".into(),
+            trace: None,
         },
     }
 }

@@ -11,6 +11,7 @@ use participants::Kind;
 use tokio::net::TcpListener;
 
 use crate::app::{Config, Orchestrator};
+use telemetry::{LogFormat, Telemetry, TelemetryConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +60,32 @@ pub struct Common {
     /// On SIGINT/SIGTERM, how long open calls get to finish before they are dropped.
     #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Export traces over OTLP/gRPC to this collector, e.g. http://localhost:4317 (Jaeger).
+    /// Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; without
+    /// any, no trace is exported. OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and
+    /// OTEL_TRACES_SAMPLER(_ARG) are honoured.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Log format on stderr: human-readable text, or one JSON object per line.
+    #[arg(long, env = "SAGA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Admin HTTP listener (/metrics, /healthz, /readyz); `off` disables it.
+    #[arg(long, env = "SAGA_ADMIN_LISTEN", default_value = telemetry::DEFAULT_ADMIN_LISTEN, value_parser = parse_admin)]
+    pub admin_listen: AdminListen,
+}
+
+/// `--admin-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+fn parse_admin(text: &str) -> Result<AdminListen, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(AdminListen(None));
+    }
+    text.trim()
+        .parse()
+        .map(|addr| AdminListen(Some(addr)))
+        .map_err(|e| format!("`{text}` is not an address like 127.0.0.1:9464, nor `off`: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -118,25 +145,73 @@ fn config(common: &Common, data: &Path, participants: BTreeMap<String, String>) 
     }
 }
 
-/// Runs the parsed command until SIGINT or SIGTERM.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Installs logging and (when asked for) trace export for the parsed command: the
+/// binaries call this once, before [`run`], and shut the result down after it.
+pub fn init_telemetry(cli: &Cli) -> anyhow::Result<Telemetry> {
+    let mut config = TelemetryConfig::new("orchestrator");
+    if let Command::Serve(ServeArgs { common, .. }) | Command::Dev(DevArgs { common, .. }) =
+        &cli.command
+    {
+        config.log_format = common.log_format;
+        config.otlp_endpoint = common.otlp_endpoint.clone();
+    }
+    telemetry::init(config).context("cannot set up logging and tracing")
+}
+
+async fn bind_admin(common: &Common) -> anyhow::Result<Option<TcpListener>> {
+    match common.admin_listen.0 {
+        Some(addr) => Ok(Some(bind(addr, "the admin endpoints").await?)),
+        None => Ok(None),
+    }
+}
+
+/// The whole of an orchestrator binary's `main` after parsing: telemetry, the command,
+/// the export of buffered spans, and the exit status.
+pub async fn main(cli: Cli) -> std::process::ExitCode {
+    let telemetry = match init_telemetry(&cli) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = run(cli, Some(&telemetry)).await;
+    // Export the spans still buffered before exiting.
+    telemetry.shutdown_async().await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the parsed command until SIGINT or SIGTERM. `telemetry` (from
+/// [`init_telemetry`]) gives the in-process participants of `dev` their own service names.
+pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let listener = bind(args.common.listen, "the orchestrator").await?;
+            let admin = bind_admin(&args.common).await?;
             let participants = args.participants.into_iter().collect();
-            let orchestrator = Orchestrator::start(
+            let orchestrator = Orchestrator::start_with_admin(
                 config(&args.common, &args.common.data, participants),
                 listener,
+                admin,
             )
             .await
             .context("cannot start the orchestrator")?;
+            if let Some(addr) = orchestrator.admin_addr() {
+                println!("admin endpoints on http://{addr}");
+            }
             println!("orchestrator listening on http://{}", orchestrator.addr());
             super::shutdown_signal().await;
             tracing::info!("shutting down");
             orchestrator.shutdown().await;
             Ok(())
         }
-        Command::Dev(args) => dev(args).await,
+        Command::Dev(args) => dev(args, telemetry).await,
         Command::Check(args) => {
             let report = crate::check::check_dir(&args.data)
                 .with_context(|| format!("cannot check {}", args.data.display()))?;
@@ -159,7 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn dev(args: DevArgs) -> anyhow::Result<()> {
+async fn dev(args: DevArgs, telemetry: Option<&Telemetry>) -> anyhow::Result<()> {
     let common = &args.common;
     if !common.sagas.is_dir() {
         bail!(
@@ -178,15 +253,23 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         (Kind::Rider, args.rider),
     ] {
         let listener = bind(addr, &format!("the {kind} participant")).await?;
-        let handle = participants::spawn(kind, listener, &common.data.join(kind.to_string()))
-            .await
-            .with_context(|| format!("cannot start the {kind} participant"))?;
+        // Each participant reports its spans as its own service, as in a real deployment.
+        let options = participants::ParticipantOptions {
+            tracer: telemetry.and_then(|t| t.service_tracer(kind.as_str())),
+            ..Default::default()
+        };
+        let handle =
+            participants::spawn_with(kind, listener, &common.data.join(kind.to_string()), options)
+                .await
+                .with_context(|| format!("cannot start the {kind} participant"))?;
         endpoints.insert(kind.to_string(), format!("http://{}", handle.addr));
         handles.push(handle);
     }
-    let orchestrator = Orchestrator::start(
+    let admin = bind_admin(common).await?;
+    let orchestrator = Orchestrator::start_with_admin(
         config(common, &common.data.join("orchestrator"), endpoints.clone()),
         orchestrator_listener,
+        admin,
     )
     .await
     .context("cannot start the orchestrator")?;
@@ -195,6 +278,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  orchestrator  http://{}", orchestrator.addr());
     for (name, endpoint) in &endpoints {
         println!("  {name:<13} {endpoint}");
+    }
+    if let Some(addr) = orchestrator.admin_addr() {
+        println!("  admin         http://{addr}/metrics  /healthz  /readyz");
+    }
+    if telemetry.is_some_and(Telemetry::exporting) {
+        println!("  traces        exported over OTLP");
     }
     println!("  data          {}", common.data.display());
     let definitions: Vec<String> = orchestrator

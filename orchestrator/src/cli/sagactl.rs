@@ -217,6 +217,7 @@ pub fn saga_json(s: &pb::Saga) -> Value {
         "buffered_signals": s.buffered_signals,
         "wake_at_ms": time(&s.wake_at),
         "deadline_ms": time(&s.deadline),
+        "trace_id": s.trace_id,
         "idempotency_key": s.idempotency_key,
         "input": s.input.as_ref().map_or(Value::Null, convert::struct_to_json),
         "created_at_ms": time(&s.created_at),
@@ -262,6 +263,9 @@ fn saga_table(s: &pb::Saga) -> String {
     let _ = writeln!(out, "status      {}", status_name(s.status));
     if !s.business_status.is_empty() {
         let _ = writeln!(out, "order       {}", s.business_status);
+    }
+    if !s.trace_id.is_empty() {
+        let _ = writeln!(out, "trace       {}", s.trace_id);
     }
     if !s.buffered_signals.is_empty() {
         let _ = writeln!(out, "kept        {}", s.buffered_signals.join(", "));

@@ -3,14 +3,18 @@
 //!
 //! `participant notifier --orchestrator URL [--data DIR] [--listen ADDR] [--definition NAME]`:
 //! runs the notifier, which follows the orchestrator's change feed, until Ctrl-C or SIGTERM.
+//!
+//! Every form also takes `--log-format text|json`, `--otlp-endpoint URL` (server spans over
+//! OTLP/gRPC; the `OTEL_*` variables apply) and `--admin-listen ADDR|off` (`/metrics`,
+//! `/healthz`, `/readyz`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use participants::{Kind, NotifierConfig};
-use tracing_subscriber::EnvFilter;
+use participants::{Kind, NotifierConfig, ParticipantOptions};
+use telemetry::{LogFormat, TelemetryConfig};
 
 /// Runs one food-delivery participant (payment, store or rider), or the notifier, over gRPC.
 #[derive(Debug, Parser)]
@@ -24,6 +28,46 @@ struct Cli {
     /// Directory of the database [default: ./data/<payment|store|rider|notifier>].
     #[arg(long, env = "SAGA_DATA", global = true, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Log lines as human-readable text or as JSON objects (with the current span's fields).
+    #[arg(
+        long,
+        env = "SAGA_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
+    /// Export server spans over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317
+    /// [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; none:
+    /// no export].
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz), or "off" [default:
+    /// 127.0.0.1:9465 / 9466 / 9467 / 9468 for payment / store / rider / notifier, clear of
+    /// the orchestrator's 9464].
+    #[arg(long, env = "SAGA_ADMIN_LISTEN", global = true, value_name = "ADDR")]
+    admin_listen: Option<AdminListen>,
+}
+
+/// `--admin-listen`: an address, or "off".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdminListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            return Ok(AdminListen::Off);
+        }
+        s.trim()
+            .parse()
+            .map(AdminListen::At)
+            .map_err(|e| format!("expected an address such as 127.0.0.1:9465, or \"off\": {e}"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,16 +111,33 @@ impl Command {
             Command::Notifier(_) => participants::notifier::DEFAULT_LISTEN,
         }
     }
+
+    fn default_admin_listen(&self) -> &'static str {
+        match self {
+            Command::Payment => "127.0.0.1:9465",
+            Command::Store => "127.0.0.1:9466",
+            Command::Rider => "127.0.0.1:9467",
+            Command::Notifier(_) => "127.0.0.1:9468",
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    let telemetry = telemetry::init(TelemetryConfig {
+        service_name: cli.command.name().to_owned(),
+        log_format: cli.log_format,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    })
+    .context("cannot set up logging and tracing")?;
+    let result = run(cli, &telemetry).await;
+    // Export the last spans before exit (also after a failure).
+    telemetry.shutdown();
+    result
+}
+
+async fn run(cli: Cli, telemetry: &telemetry::Telemetry) -> anyhow::Result<()> {
     let name = cli.command.name();
     let listen = match cli.listen {
         Some(addr) => addr,
@@ -86,10 +147,32 @@ async fn main() -> anyhow::Result<()> {
             .parse()
             .context("invalid default listen address")?,
     };
+    let admin_listen = match cli.admin_listen {
+        Some(AdminListen::Off) => None,
+        Some(AdminListen::At(addr)) => Some(addr),
+        None => Some(
+            cli.command
+                .default_admin_listen()
+                .parse()
+                .context("invalid default admin address")?,
+        ),
+    };
     let data = cli.data.unwrap_or_else(|| PathBuf::from("data").join(name));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let admin = match admin_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin endpoints)"))?,
+        ),
+    };
+    let options = ParticipantOptions {
+        tracer: telemetry.tracer(),
+        admin,
+    };
     let kind = match cli.command {
         Command::Payment => Kind::Payment,
         Command::Store => Kind::Store,
@@ -100,12 +183,12 @@ async fn main() -> anyhow::Result<()> {
                 data,
                 definition: args.definition,
             };
-            return participants::serve_notifier(config, listener, shutdown_signal())
+            return participants::serve_notifier_with(config, listener, options, shutdown_signal())
                 .await
                 .context("the notifier failed");
         }
     };
-    participants::serve(kind, listener, &data, shutdown_signal())
+    participants::serve_with(kind, listener, &data, options, shutdown_signal())
         .await
         .with_context(|| format!("the {kind} participant failed"))
 }
@@ -206,5 +289,58 @@ mod tests {
         if std::env::var_os("SAGA_ORCHESTRATOR").is_none() {
             assert!(Cli::try_parse_from(["participant", "notifier"]).is_err());
         }
+    }
+
+    #[test]
+    fn telemetry_flags_parse_with_defaults_apart_from_the_orchestrator() {
+        let cli = Cli::try_parse_from(["participant", "payment"]).unwrap();
+        if std::env::var_os("SAGA_LOG_FORMAT").is_none() {
+            assert_eq!(cli.log_format, LogFormat::Text);
+        }
+        assert_eq!(cli.otlp_endpoint, None);
+        if std::env::var_os("SAGA_ADMIN_LISTEN").is_none() {
+            assert_eq!(cli.admin_listen, None);
+        }
+        let defaults: Vec<_> = ["payment", "store", "rider"]
+            .into_iter()
+            .map(|kind| {
+                Cli::try_parse_from(["participant", kind])
+                    .unwrap()
+                    .command
+                    .default_admin_listen()
+            })
+            .collect();
+        assert_eq!(
+            defaults,
+            ["127.0.0.1:9465", "127.0.0.1:9466", "127.0.0.1:9467"]
+        );
+        assert_ne!(
+            telemetry::DEFAULT_ADMIN_LISTEN,
+            Command::Payment.default_admin_listen()
+        );
+
+        let cli = Cli::try_parse_from([
+            "participant",
+            "--log-format",
+            "json",
+            "store",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--admin-listen",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert_eq!(cli.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(
+            cli.admin_listen,
+            Some(AdminListen::At("127.0.0.1:1".parse().unwrap()))
+        );
+        let cli = Cli::try_parse_from(["participant", "rider", "--admin-listen", "off"]).unwrap();
+        assert_eq!(cli.admin_listen, Some(AdminListen::Off));
+        assert!(
+            Cli::try_parse_from(["participant", "rider", "--admin-listen", "nowhere"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["participant", "rider", "--log-format", "yaml"]).is_err());
     }
 }

@@ -9,12 +9,5 @@ use orchestrator::cli::{self, orchestrator::Cli};
 async fn main() -> std::process::ExitCode {
     let _failpoints = fail::FailScenario::setup();
     let args = Cli::parse();
-    cli::init_logging("warn");
-    match cli::orchestrator::run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::orchestrator::main(args).await
 }

@@ -37,6 +37,7 @@ pub fn new_saga(summary: &Summary) -> NewSaga {
                 version: summary.version,
                 input: json!({"order": 1}),
                 idempotency_key: summary.idempotency_key.clone(),
+                trace: None,
             },
         },
     }
