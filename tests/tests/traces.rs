@@ -37,8 +37,58 @@ async fn a_compensated_saga_is_one_trace_across_all_services() -> anyhow::Result
         .await?;
     assert_eq!(status(&saga), "COMPENSATED");
     assert_eq!(saga.trace_id.len(), 32, "GetSaga names the trace");
+
+    // A saga that survives a restart stays one trace.
+    let waiting = cluster
+        .start_saga("food-delivery", order_input("o-traced-2", json!({})), "")
+        .await?
+        .saga_id;
+    cluster
+        .wait_until(&waiting, "waiting for the store", |s| {
+            !s.awaiting_signals.is_empty()
+        })
+        .await?;
+    cluster.restart_orchestrator().await?;
+    cluster
+        .client
+        .signal_saga(proto::saga::v1::SignalSagaRequest {
+            saga_id: waiting.clone(),
+            signal: "store.rejected".into(),
+            payload: None,
+        })
+        .await?;
+    let resumed = cluster.wait_terminal(&waiting).await?;
+    assert_eq!(status(&resumed), "COMPENSATED");
     cluster.shutdown().await?;
-    telemetry.shutdown();
+    telemetry.shutdown_async().await;
+    let spans_of_resumed = receiver
+        .wait_for(DEADLINE, |spans| {
+            spans
+                .iter()
+                .any(|s| s.name == "saga food-delivery (resumed)")
+                && spans.iter().any(|s| s.name == "saga food-delivery")
+        })
+        .await?;
+    let first = spans_of_resumed
+        .iter()
+        .find(|s| s.name == "saga food-delivery")
+        .context("first run")?;
+    let second = spans_of_resumed
+        .iter()
+        .find(|s| s.name == "saga food-delivery (resumed)")
+        .context("resumed run")?;
+    assert_eq!(first.trace_id, resumed.trace_id);
+    assert_eq!(
+        second.trace_id, resumed.trace_id,
+        "the resumed run joins the trace"
+    );
+    assert_eq!(second.parent_span_id, first.span_id);
+    assert!(
+        spans_of_resumed
+            .iter()
+            .filter(|s| s.attributes.get("saga.id") == Some(&waiting))
+            .all(|s| s.trace_id == resumed.trace_id)
+    );
 
     let trace = saga.trace_id.clone();
     let spans = receiver
