@@ -14,6 +14,8 @@
 //!   compensations that arrive first), the ledger, and durability (every mutating call is
 //!   flushed before it returns).
 //! - [`payment`], [`store`], [`rider`]: the business rules of each participant.
+//! - [`cli`]: the `participant` command line, in the library so tests can parse real
+//!   deployment commands with it.
 //! - [`faults`]: [`Faults`], injected failures and delays for tests, and call counts.
 //! - [`notifier`]: not a saga participant but a client of the orchestrator: it follows the
 //!   orchestrator's change feed (`WatchSagas`) and records exactly one notification per saga
@@ -21,6 +23,7 @@
 //!   (and their `_with` forms, taking [`ParticipantOptions`]) run it, [`NotifierHandle`]
 //!   stops it.
 
+pub mod cli;
 pub mod faults;
 pub mod notifier;
 pub mod observability;

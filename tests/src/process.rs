@@ -152,6 +152,23 @@ impl OrchestratorProcess {
         Ok(())
     }
 
+    /// SIGTERM (by process id, with the system's `kill`): the orchestrator drains and exits.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .id()
+            .context("the orchestrator has already exited")?;
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .context("run kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed: {status}");
+        }
+        Ok(())
+    }
+
     /// Waits for the process to end by itself.
     pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(deadline, self.child.wait()).await {

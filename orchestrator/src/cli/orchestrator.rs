@@ -34,6 +34,19 @@ pub enum Command {
     /// Replay every saga of a (stopped) orchestrator's data directory and report each one
     /// whose stored state disagrees with its event log; exits 1 if any does.
     Check(CheckArgs),
+    /// Exit 0 when an admin endpoint answers 200, else print why and exit 1 (for container
+    /// HEALTHCHECKs; the images have no HTTP client).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The endpoint to probe.
+    #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
+    pub url: String,
+    /// How long to wait for the answer, e.g. 3s.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +225,9 @@ pub async fn run(cli: Cli, telemetry: Option<&Telemetry>) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Dev(args) => dev(args, telemetry).await,
+        Command::Healthcheck(args) => telemetry::probe(&args.url, args.timeout)
+            .await
+            .map_err(anyhow::Error::msg),
         Command::Check(args) => {
             let report = crate::check::check_dir(&args.data)
                 .with_context(|| format!("cannot check {}", args.data.display()))?;

@@ -16,6 +16,53 @@ use tower_http::timeout::TimeoutLayer;
 /// The default admin listen address of the orchestrator.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
+/// The paths the admin server answers (probes and scrapers may use these and no others).
+pub const PATHS: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
+
+/// `healthcheck` for container images that have no HTTP client: a GET of `url`
+/// (`http://HOST:PORT/PATH`) that succeeds on status 200 within `timeout`; the error says
+/// what happened.
+pub async fn probe(url: &str, timeout: Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{url}` is not an http:// URL"))?;
+    let (authority, path) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, format!("/{path}")),
+        None => (rest, "/".to_owned()),
+    };
+    if authority.is_empty() {
+        return Err(format!("`{url}` names no host"));
+    }
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("cannot send to {authority}: {e}"))?;
+        let mut reply = Vec::new();
+        stream
+            .read_to_end(&mut reply)
+            .await
+            .map_err(|e| format!("no reply from {authority}: {e}"))?;
+        let reply = String::from_utf8_lossy(&reply);
+        let status = reply.split_whitespace().nth(1).unwrap_or("");
+        if status == "200" {
+            Ok(())
+        } else {
+            let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+            Err(format!("{url} answered {status}: {body}"))
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("{url} did not answer within {} ms", timeout.as_millis()))?
+}
+
 /// The OpenMetrics content type prometheus-client's text encoder produces.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

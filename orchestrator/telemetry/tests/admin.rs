@@ -50,6 +50,23 @@ async fn metrics_health_and_readiness_answer() {
     let (status, body) = get(addr, "/readyz").await;
     assert_eq!(status, 503);
     assert!(body.contains("database closed"), "{body}");
+    // The probe the container healthchecks use.
+    let wait = std::time::Duration::from_secs(5);
+    assert_eq!(
+        telemetry::probe(&format!("http://{addr}/healthz"), wait).await,
+        Ok(())
+    );
+    let refused = telemetry::probe(&format!("http://{addr}/readyz"), wait)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("answered 503") && refused.contains("database closed"),
+        "{refused}"
+    );
+    let bad = telemetry::probe("https://example.invalid/", wait)
+        .await
+        .unwrap_err();
+    assert!(bad.contains("not an http:// URL"), "{bad}");
     ready.store(true, Ordering::SeqCst);
     assert_eq!(get(addr, "/readyz").await.0, 200);
     let (status, body) = get(addr, "/metrics").await;
