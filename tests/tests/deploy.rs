@@ -485,7 +485,7 @@ fn kubernetes_manifests_match_the_code() -> anyhow::Result<()> {
         let annotations = &pod["metadata"]["annotations"];
         ensure!(annotations["prometheus.io/scrape"] == "true");
         ensure!(
-            annotations["prometheus.io/port"] == admin.to_string(),
+            annotations["prometheus.io/port"].as_str() == Some(admin.to_string().as_str()),
             "{service}: scrape port"
         );
         ensure!(annotations["prometheus.io/path"] == "/metrics");
