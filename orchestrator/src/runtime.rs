@@ -526,6 +526,18 @@ impl Runtime {
     }
 }
 
+/// The test-only failpoint `runtime::skip_compensation` (see the chaos suite): whether the
+/// next compensation call is to be skipped.
+#[cfg(feature = "failpoints")]
+fn skip_compensation() -> bool {
+    fail::eval("runtime::skip_compensation", |_| ()).is_some()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn skip_compensation() -> bool {
+    false
+}
+
 /// The root span of one run of a saga (its first, or one after a restart).
 fn saga_span(plan: &Plan, saga_id: &str, resumed: bool) -> tracing::Span {
     let name = if resumed {
@@ -868,8 +880,26 @@ impl Driver {
             };
             // Every intent (and everything before it) is durable before its call.
             self.persist().await?;
+            let mut skipped = false;
             for call in std::mem::take(&mut wait.calls) {
                 if !in_flight.insert(attempt_key(&call)) {
+                    continue;
+                }
+                if call.phase == Phase::Compensation && skip_compensation() {
+                    // A deliberately broken build (test-only failpoint): the compensation is
+                    // recorded as done without calling the participant, so the chaos
+                    // checker has a real violation to find.
+                    in_flight.remove(&attempt_key(&call));
+                    let event = self.saga.on_result(
+                        &self.plan,
+                        &call,
+                        Ok(Value::Object(Default::default())),
+                        now_ms(),
+                        0.0,
+                    )?;
+                    tracing::error!(saga.id = %self.saga.id, saga.step = %call.step, "failpoint runtime::skip_compensation: compensation skipped");
+                    self.record(event)?;
+                    skipped = true;
                     continue;
                 }
                 // Crash point: the intent is durable, the participant not yet called.
@@ -884,6 +914,9 @@ impl Driver {
                     });
                 }
                 running.push(self.start_call(call));
+            }
+            if skipped {
+                continue;
             }
             // Deferred steps wait for their breakers; without a breaker nothing can refuse
             // the call, so such a step goes at once.

@@ -52,6 +52,11 @@ pub struct Cli {
     /// the orchestrator's 9464].
     #[arg(long, env = "SAGA_ADMIN_LISTEN", global = true, value_name = "ADDR")]
     pub admin_listen: Option<AdminListen>,
+    /// For chaos tests only: the admin endpoints also accept `PUT /faults` (JSON:
+    /// unavailable, slow, slow_ms, hang, hang_ms, lose_reply probabilities, seed) and
+    /// `DELETE /faults`, to inject random faults into every mutating call.
+    #[arg(long, global = true)]
+    pub allow_fault_injection: bool,
 }
 
 /// `--admin-listen`: an address, or "off".
@@ -213,6 +218,7 @@ pub async fn run(cli: Cli, telemetry: &telemetry::Telemetry) -> anyhow::Result<(
     let options = ParticipantOptions {
         tracer: telemetry.tracer(),
         admin,
+        fault_injection: cli.allow_fault_injection,
     };
     let kind = match cli.command {
         Command::Payment => Kind::Payment,

@@ -22,6 +22,48 @@ pub struct Faults {
     state: Mutex<State>,
 }
 
+/// Faults drawn at random for every mutating call (the chaos harness sets them through the
+/// admin endpoint `PUT /faults` of a participant started with `--allow-fault-injection`).
+/// Probabilities are in `0.0..=1.0`; missing fields are zero.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RandomFaults {
+    /// Fail with UNAVAILABLE before applying anything.
+    pub unavailable: f64,
+    /// Wait `slow_ms` first (a latency spike).
+    pub slow: f64,
+    pub slow_ms: u64,
+    /// Wait `hang_ms` first (past the caller's deadline).
+    pub hang: f64,
+    pub hang_ms: u64,
+    /// Apply the effect, then answer UNAVAILABLE (an unknown outcome for the caller).
+    pub lose_reply: f64,
+    /// Seed of the draws (default: random).
+    pub seed: Option<u64>,
+}
+
+impl RandomFaults {
+    /// Why these settings are refused, if they are.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, p) in [
+            ("unavailable", self.unavailable),
+            ("slow", self.slow),
+            ("hang", self.hang),
+            ("lose_reply", self.lose_reply),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("{name}: {p} is not a probability between 0 and 1"));
+            }
+        }
+        for (name, ms) in [("slow_ms", self.slow_ms), ("hang_ms", self.hang_ms)] {
+            if ms > 600_000 {
+                return Err(format!("{name}: {ms} ms is over 10 minutes"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Queued failures per method name (or `"*"`): each element fails that many calls.
@@ -30,6 +72,8 @@ struct State {
     /// Pending lost replies per method name (or `"*"`).
     lost_replies: HashMap<String, u32>,
     calls: HashMap<String, u64>,
+    /// Random faults of every mutating call, with their random number generator.
+    random: Option<(RandomFaults, fastrand::Rng)>,
 }
 
 impl Faults {
@@ -81,12 +125,45 @@ impl Faults {
         *pending = pending.saturating_add(count);
     }
 
-    /// Removes every pending failure, delay and lost reply (the call counts are kept).
+    /// Removes every pending failure, delay and lost reply, and the random faults (the call
+    /// counts are kept).
     pub fn clear(&self) {
         let mut state = self.lock();
         state.failures.clear();
         state.delays.clear();
         state.lost_replies.clear();
+        state.random = None;
+    }
+
+    /// Draws faults at random for every mutating call from now on (see [`RandomFaults`]).
+    pub fn set_random(&self, faults: RandomFaults) -> Result<(), String> {
+        faults.check()?;
+        let rng = match faults.seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        self.lock().random = Some((faults, rng));
+        Ok(())
+    }
+
+    /// The random faults in force (all zero when none).
+    pub fn random(&self) -> RandomFaults {
+        self.lock()
+            .random
+            .as_ref()
+            .map(|(faults, _)| faults.clone())
+            .unwrap_or_default()
+    }
+
+    /// Draws with probability `p` from the random faults' generator.
+    fn draw(state: &mut State, pick: impl Fn(&RandomFaults) -> f64) -> bool {
+        match &mut state.random {
+            Some((faults, rng)) => {
+                let p = pick(faults);
+                p > 0.0 && rng.f64() < p
+            }
+            None => false,
+        }
     }
 
     /// How many calls each method received (including failed/injected ones), by short
@@ -104,6 +181,18 @@ impl Faults {
     pub(crate) fn begin_call(&self, method: &str) -> Duration {
         let mut state = self.lock();
         *state.calls.entry(method.to_owned()).or_default() += 1;
+        if method != LIST_LEDGER {
+            let hang = Faults::draw(&mut state, |f| f.hang);
+            let slow = Faults::draw(&mut state, |f| f.slow);
+            if let Some((faults, _)) = &state.random {
+                if hang {
+                    return Duration::from_millis(faults.hang_ms);
+                }
+                if slow {
+                    return Duration::from_millis(faults.slow_ms);
+                }
+            }
+        }
         state
             .delays
             .get(method)
@@ -125,6 +214,9 @@ impl Faults {
         if method == LIST_LEDGER {
             return None;
         }
+        if Faults::draw(&mut state, |f| f.unavailable) {
+            return Some(Code::Unavailable);
+        }
         take_from(&mut state.failures, ANY_METHOD)
     }
 
@@ -134,6 +226,9 @@ impl Faults {
             return false;
         }
         let mut state = self.lock();
+        if Faults::draw(&mut state, |f| f.lose_reply) {
+            return true;
+        }
         [method, ANY_METHOD].into_iter().any(|name| {
             let Some(pending) = state.lost_replies.get_mut(name) else {
                 return false;

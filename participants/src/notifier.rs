@@ -218,6 +218,7 @@ async fn start(
         SERVICE_NAME,
         readiness(Arc::clone(&serving), Arc::downgrade(&store)),
         None,
+        None,
     )?;
     let admin_addr = admin.as_ref().map(|admin| admin.addr);
 

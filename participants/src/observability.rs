@@ -36,6 +36,55 @@ pub struct ParticipantOptions {
     /// Where to serve the admin endpoints (`/metrics`, `/healthz`, `/readyz`); None: no
     /// admin server (and no metrics are kept).
     pub admin: Option<TcpListener>,
+    /// Also serve `PUT /faults` and `DELETE /faults` on the admin endpoints, to inject
+    /// random faults ([`crate::faults::RandomFaults`]): for chaos tests only.
+    pub fault_injection: bool,
+}
+
+/// `PUT /faults` (JSON [`crate::faults::RandomFaults`]), `GET /faults`, `DELETE /faults`.
+fn fault_routes(faults: Arc<crate::Faults>) -> axum::Router {
+    use axum::extract::State;
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+
+    fn current(faults: &crate::Faults) -> axum::response::Response {
+        let body = serde_json::to_string(&faults.random()).unwrap_or_default();
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+    axum::Router::new()
+        .route(
+            "/faults",
+            get(|State(faults): State<Arc<crate::Faults>>| async move { current(&faults) })
+                .put(
+                    |State(faults): State<Arc<crate::Faults>>, body: String| async move {
+                        let settings: crate::faults::RandomFaults =
+                            match serde_json::from_str(&body) {
+                                Ok(settings) => settings,
+                                Err(e) => {
+                                    return (
+                                        StatusCode::BAD_REQUEST,
+                                        format!("bad fault settings: {e}\n"),
+                                    )
+                                        .into_response();
+                                }
+                            };
+                        match faults.set_random(settings) {
+                            Ok(()) => {
+                                warn!(faults = ?faults.random(), "random faults injected");
+                                current(&faults)
+                            }
+                            Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+                        }
+                    },
+                )
+                .delete(|State(faults): State<Arc<crate::Faults>>| async move {
+                    faults.clear();
+                    info!("faults cleared");
+                    current(&faults)
+                }),
+        )
+        .with_state(faults)
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,7 +213,12 @@ impl Reporting {
         service: &'static str,
         ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
         ledger_entries: Option<Box<dyn Fn() -> Option<u64> + Send + Sync>>,
+        faults: Option<Arc<crate::Faults>>,
     ) -> std::io::Result<Self> {
+        let extra = match (options.fault_injection, faults) {
+            (true, Some(faults)) => fault_routes(faults),
+            _ => axum::Router::new(),
+        };
         let layer = ServerTracingLayer::new(options.tracer);
         let Some(listener) = options.admin else {
             return Ok(Reporting { layer, admin: None });
@@ -175,7 +229,7 @@ impl Reporting {
             metrics: Arc::new(move || metrics.encode(ledger_entries.as_ref().and_then(|f| f()))),
             ready: Arc::new(ready),
         };
-        let admin = AdminServer::spawn(listener, admin, participant)?;
+        let admin = AdminServer::spawn(listener, admin, extra, participant)?;
         Ok(Reporting {
             layer,
             admin: Some(admin),
@@ -194,6 +248,7 @@ impl AdminServer {
     fn spawn(
         listener: TcpListener,
         admin: telemetry::Admin,
+        extra: axum::Router,
         participant: &str,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
@@ -203,7 +258,7 @@ impl AdminServer {
             let _ = stopped.await;
         };
         info!(participant, %addr, "admin endpoints: /metrics /healthz /readyz");
-        let task = tokio::spawn(telemetry::serve_admin(listener, admin, signal));
+        let task = tokio::spawn(telemetry::serve_admin_with(listener, admin, extra, signal));
         Ok(AdminServer { addr, stop, task })
     }
 

@@ -159,7 +159,7 @@ async fn start(
     ParticipantError,
 > {
     let addr = listener.local_addr()?;
-    let (core, closed) = Core::open(kind, data_dir, faults)?;
+    let (core, closed) = Core::open(kind, data_dir, Arc::clone(&faults))?;
     let serving = Arc::new(AtomicBool::new(true));
     let ledger = Arc::downgrade(&core);
     let Reporting { layer, admin } = Reporting::start(
@@ -170,6 +170,7 @@ async fn start(
         Some(Box::new(move || {
             ledger.upgrade().and_then(|core| core.ledger_entries().ok())
         })),
+        Some(faults),
     )?;
     let admin_addr = admin.as_ref().map(|admin| admin.addr);
 

@@ -288,3 +288,88 @@ async fn the_notifier_serves_the_admin_endpoints_too() {
     assert!(!text.contains("participant_ledger_entries"));
     handle.shutdown().await.unwrap();
 }
+
+/// An HTTP/1.1 request with a body: the status code and the body of the answer.
+async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn faults_are_injected_through_the_admin_endpoint_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = loopback().await;
+    let admin_addr = admin.local_addr().unwrap();
+    let options = ParticipantOptions {
+        admin: Some(admin),
+        fault_injection: true,
+        ..Default::default()
+    };
+    let handle = start(Kind::Payment, dir.path(), options).await;
+    let mut client = PaymentClient::new(connect(handle.addr).await);
+
+    let (status, body) = send(
+        admin_addr,
+        "PUT",
+        "/faults",
+        r#"{"unavailable": 1.0, "seed": 7}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"unavailable\":1.0"), "{body}");
+    let refused = client
+        .authorize_charge(keyed(authorize(), "k-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    let (status, body) = send(admin_addr, "PUT", "/faults", r#"{"unavailable": 2}"#).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("not a probability"), "{body}");
+    let (status, body) = send(admin_addr, "PUT", "/faults", r#"{"explode": 1}"#).await;
+    assert_eq!(status, 400, "{body}");
+
+    // Every reply lost: the effect is applied, the caller is told UNAVAILABLE.
+    send(admin_addr, "PUT", "/faults", r#"{"lose_reply": 1.0}"#).await;
+    let lost = client
+        .authorize_charge(keyed(authorize(), "k-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), Code::Unavailable);
+    assert_eq!(send(admin_addr, "DELETE", "/faults", "").await.0, 200);
+    // Healed: the repeat of the key gets the result stored the first time.
+    client
+        .authorize_charge(keyed(authorize(), "k-2"))
+        .await
+        .unwrap();
+    handle.shutdown().await.unwrap();
+
+    // Without the flag there is no such endpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = loopback().await;
+    let admin_addr = admin.local_addr().unwrap();
+    let options = ParticipantOptions {
+        admin: Some(admin),
+        ..Default::default()
+    };
+    let handle = start(Kind::Store, dir.path(), options).await;
+    assert_eq!(
+        send(admin_addr, "PUT", "/faults", r#"{"unavailable": 1.0}"#)
+            .await
+            .0,
+        404
+    );
+    handle.shutdown().await.unwrap();
+}

@@ -94,6 +94,18 @@ pub async fn serve_admin(
         .await
 }
 
+/// [`serve_admin`] with more routes (e.g. a participant's test-only `/faults`).
+pub async fn serve_admin_with(
+    listener: TcpListener,
+    admin: Admin,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(admin).merge(extra))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// The admin routes, for callers that compose their own server.
 pub fn router(admin: Admin) -> Router {
     Router::new()

@@ -37,7 +37,7 @@ pub mod grpc;
 mod config;
 mod propagation;
 
-pub use admin::{Admin, DEFAULT_ADMIN_LISTEN, probe, serve_admin};
+pub use admin::{Admin, DEFAULT_ADMIN_LISTEN, probe, serve_admin, serve_admin_with};
 pub use config::{LogFormat, TelemetryConfig, UnknownLogFormat};
 pub use propagation::{current_trace_id, extract, inject};
 
