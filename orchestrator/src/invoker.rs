@@ -24,11 +24,22 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The codes after which another attempt may succeed.
+/// The codes after which another attempt may succeed. Besides the transient ones, the
+/// codes a broken connection or stream produces (UNKNOWN for a transport error, INTERNAL
+/// for an HTTP/2 protocol error, CANCELLED for a stream cut short, ABORTED): the call may
+/// or may not have been applied, so it is an unknown outcome, settled by trying again with
+/// the same idempotency key (the participant answers with its first result). Failing the
+/// step instead would compensate around an effect that may stand (a pivot has no undo).
 pub fn is_retryable(code: Code) -> bool {
     matches!(
         code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::Aborted
     )
 }
 

@@ -7,7 +7,9 @@
 //!
 //! [`process`] runs the orchestrator as a separate process (with failpoints compiled in) for
 //! the crash and kill tests; [`invariants`] checks the durability rules against the
-//! participants' ledgers.
+//! participants' ledgers; [`chaos`] is the chaos harness (the `chaos` binary and
+//! `tests/chaos.rs`): processes, fault-injecting proxies, load and faults from a seed, then
+//! the rules checked.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use tonic::transport::Channel;
 
 pub use orchestrator::Orchestrator;
 
+pub mod chaos;
 pub mod invariants;
 pub mod otlp;
 pub mod process;

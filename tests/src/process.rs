@@ -56,7 +56,30 @@ pub struct OrchestratorProcess {
     child: Child,
     pub endpoint: String,
     pub client: SagaOrchestratorClient<Channel>,
+    /// The admin endpoints' base URL (`http://ADDR`), when they are on.
+    pub admin: Option<String>,
     log: PathBuf,
+}
+
+/// How to start an orchestrator process: every address and directory named
+/// ([`OrchestratorProcess::spawn_with`]).
+#[derive(Debug, Clone)]
+pub struct Spawn {
+    /// The `crashable-orchestrator` binary.
+    pub binary: PathBuf,
+    pub data: PathBuf,
+    pub sagas: PathBuf,
+    /// `127.0.0.1:0` for any port; a fixed address to come back where clients expect it.
+    pub listen: std::net::SocketAddr,
+    pub admin_listen: std::net::SocketAddr,
+    /// `--participant NAME=URL` overrides.
+    pub participants: Vec<(String, String)>,
+    /// The `FAILPOINTS` variable (the `fail` crate's syntax), if any.
+    pub failpoints: Option<String>,
+    /// Where the process's stderr goes.
+    pub log: PathBuf,
+    /// Its `RUST_LOG`.
+    pub log_filter: String,
 }
 
 impl OrchestratorProcess {
@@ -79,29 +102,49 @@ impl OrchestratorProcess {
             Some(dir) => dir.join(format!("orchestrator-{}-{n}.log", std::process::id())),
             None => data.with_file_name(format!("orchestrator-{n}.log")),
         };
-        let log_file = std::fs::File::create(&log)?;
-        let mut command = Command::new(binary);
+        let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+        OrchestratorProcess::spawn_with(Spawn {
+            binary: PathBuf::from(binary),
+            data: data.to_owned(),
+            sagas: sagas_dir(),
+            listen: any,
+            admin_listen: any,
+            participants: participants
+                .handles
+                .iter()
+                .map(|(name, handle)| (name.clone(), format!("http://{}", handle.addr)))
+                .collect(),
+            failpoints: failpoints.map(str::to_owned),
+            log,
+            log_filter: std::env::var("SAGA_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        })
+        .await
+    }
+
+    /// Starts `crashable-orchestrator serve` as `spawn` says; returns once it serves gRPC.
+    pub async fn spawn_with(spawn: Spawn) -> anyhow::Result<Self> {
+        let log = spawn.log.clone();
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut command = Command::new(&spawn.binary);
         command
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(spawn.listen.to_string())
             .arg("--data")
-            .arg(data)
+            .arg(&spawn.data)
             .arg("--sagas")
-            .arg(sagas_dir())
+            .arg(&spawn.sagas)
             .arg("--admin-listen")
-            .arg("127.0.0.1:0");
-        for (name, handle) in &participants.handles {
-            command
-                .arg("--participant")
-                .arg(format!("{name}=http://{}", handle.addr));
+            .arg(spawn.admin_listen.to_string());
+        for (name, url) in &spawn.participants {
+            command.arg("--participant").arg(format!("{name}={url}"));
         }
         command
-            .env(
-                "RUST_LOG",
-                std::env::var("SAGA_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", &spawn.log_filter)
             .env_remove("SAGA_LISTEN")
+            .env_remove("SAGA_PARTICIPANTS")
+            .env_remove("SAGA_ADMIN_LISTEN")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("SAGA_DATA")
@@ -109,17 +152,23 @@ impl OrchestratorProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .kill_on_drop(true);
-        match failpoints {
+        match &spawn.failpoints {
             Some(points) => command.env("FAILPOINTS", points),
             None => command.env_remove("FAILPOINTS"),
         };
-        let mut child = command.spawn().context("spawn crashable-orchestrator")?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawn {}", spawn.binary.display()))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let endpoint = tokio::time::timeout(Duration::from_secs(30), async {
+        let (endpoint, admin) = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut admin = None;
             while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("admin endpoints on ") {
+                    admin = Some(url.trim().to_owned());
+                }
                 if let Some(url) = line.strip_prefix("orchestrator listening on ") {
-                    return Ok(url.trim().to_owned());
+                    return Ok((url.trim().to_owned(), admin));
                 }
             }
             bail!(
@@ -141,8 +190,21 @@ impl OrchestratorProcess {
             child,
             endpoint,
             client,
+            admin,
             log,
         })
+    }
+
+    /// The process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a name such as `STOP`, `CONT`, `TERM`) to the process, by its id,
+    /// with the system's `kill`.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("the orchestrator has already exited")?;
+        send_signal(pid, signal)
     }
 
     /// `kill -9`, and wait until the process is gone.
@@ -154,19 +216,7 @@ impl OrchestratorProcess {
 
     /// SIGTERM (by process id, with the system's `kill`): the orchestrator drains and exits.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self
-            .child
-            .id()
-            .context("the orchestrator has already exited")?;
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .context("run kill -TERM")?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed: {status}");
-        }
-        Ok(())
+        self.signal("TERM")
     }
 
     /// Waits for the process to end by itself.
@@ -184,6 +234,22 @@ impl OrchestratorProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Sends `signal` (e.g. `KILL`, `STOP`, `CONT`, `TERM`) to process `pid` with the system's
+/// `kill`.
+pub fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("run kill -{signal} {pid}"))?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed: {status}");
+    }
+    Ok(())
 }
 
 /// Starts a saga through `client`.

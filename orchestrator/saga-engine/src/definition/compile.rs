@@ -1003,6 +1003,22 @@ fn compile_call_step(
     if let Some(r) = &s.retry {
         retry = retry_policy(retry, r, "retry", Some(name), errors);
     }
+    // A pivot has no undo, and a transient failure may hide an applied effect (a reset
+    // stream, a lost reply): unless the definition caps its attempts, it is retried until it
+    // gives a definite answer.
+    let capped = s
+        .retry
+        .as_ref()
+        .and_then(|r| r.value.max_attempts)
+        .or_else(|| {
+            defaults
+                .and_then(|p| p.retry.as_ref())
+                .and_then(|r| r.value.max_attempts)
+        })
+        .is_some();
+    if kind == StepKind::Pivot && !capped {
+        retry.max_attempts = u32::MAX;
+    }
     if let Some(r) = &s.compensation_retry {
         compensation_retry = retry_policy(
             compensation_retry,
