@@ -459,7 +459,7 @@ fn action_step(kind: &EventKind) -> Option<&str> {
 pub enum CancelRefused {
     #[error("saga is already {}", .0.as_str())]
     Terminal(SagaStatus),
-    #[error("saga passed its pivot step `{0}` and can no longer be cancelled")]
+    #[error("saga reached its pivot step `{0}` and can no longer be cancelled")]
     PastPivot(String),
     #[error("saga is already compensating: {0}")]
     Compensating(String),
@@ -1060,6 +1060,19 @@ impl Saga {
             .is_some_and(|p| self.steps[p].status == StepStatus::Succeeded)
     }
 
+    /// Whether the pivot's action was attempted: from then on its outcome (perhaps unknown)
+    /// decides, so neither the deadline nor a cancellation may compensate around it.
+    /// (An await pivot has no effect while it waits: it counts once its signal came.)
+    pub fn pivot_attempted(&self, plan: &Plan) -> bool {
+        plan.pivot().is_some_and(|p| {
+            let state = &self.steps[p];
+            match plan.steps[p].awaits() {
+                Some(_) => !matches!(state.status, StepStatus::Pending | StepStatus::Waiting),
+                None => state.attempts > 0,
+            }
+        })
+    }
+
     /// The action calls in flight now (their results are awaited).
     fn calls_in_flight(&self, plan: &Plan) -> Vec<Call> {
         self.steps
@@ -1087,7 +1100,7 @@ impl Saga {
             })
         } else if let Some(deadline) = self.deadline_ms
             && now_ms >= deadline
-            && !self.past_pivot(plan)
+            && !self.pivot_attempted(plan)
         {
             Some(EventKind::CompensationStarted {
                 reason: format!(
@@ -1239,7 +1252,7 @@ impl Saga {
             }
         }
         if let Some(deadline) = self.deadline_ms
-            && !self.past_pivot(plan)
+            && !self.pivot_attempted(plan)
         {
             wait.wake(deadline);
         }
@@ -1524,7 +1537,7 @@ impl Saga {
         {
             return Err(CancelRefused::PastPoint(plan.steps[point].name.clone()));
         }
-        if self.past_pivot(plan)
+        if self.pivot_attempted(plan)
             && let Some(pivot) = plan.pivot()
         {
             return Err(CancelRefused::PastPivot(plan.steps[pivot].name.clone()));
