@@ -142,6 +142,26 @@ impl Sim {
             .collect()
     }
 
+    /// Runs the steps before the parallel group (each call succeeding) until both of the
+    /// group's calls are in flight; returns them.
+    fn until_group_calls(&mut self) -> Vec<saga_engine::saga::Call> {
+        loop {
+            match self.saga.next(&self.plan, self.now) {
+                Next::Record(event) => self.record(event),
+                Next::Wait(wait) if wait.calls.len() == 2 => return wait.calls,
+                Next::Wait(wait) => {
+                    let call = wait.calls[0].clone();
+                    let event = self
+                        .saga
+                        .on_result(&self.plan, &call, Ok(json!({})), self.now, 0.5)
+                        .expect("in flight");
+                    self.record(event);
+                }
+                Next::Done => panic!("ended before the parallel group"),
+            }
+        }
+    }
+
     fn replayed(&self) -> Saga {
         Saga::from_events(&self.plan, &self.log).expect("log replays")
     }
@@ -374,21 +394,7 @@ fn a_parallel_group_runs_together_and_compensates_in_reverse_completion_order() 
     let plan = compile_yaml("parallel.yaml", PARALLEL);
     let mut sim = Sim::new(plan);
     // Run the first step, then both intents of the group are stored before any call.
-    let group_calls = loop {
-        match sim.saga.next(&sim.plan, sim.now) {
-            Next::Record(event) => sim.record(event),
-            Next::Wait(wait) if wait.calls.len() == 2 => break wait.calls,
-            Next::Wait(wait) => {
-                let call = wait.calls[0].clone();
-                let event = sim
-                    .saga
-                    .on_result(&sim.plan, &call, Ok(json!({})), sim.now, 0.5)
-                    .expect("in flight");
-                sim.record(event);
-            }
-            Next::Done => panic!("ended"),
-        }
-    };
+    let group_calls = sim.until_group_calls();
     assert_eq!(group_calls[0].step, "notify_store");
     assert_eq!(group_calls[1].step, "reserve_rider");
     // reserve_rider finishes first, then notify_store fails: the saga waits for nothing
@@ -428,21 +434,7 @@ fn a_parallel_group_runs_together_and_compensates_in_reverse_completion_order() 
 fn compensation_waits_for_calls_still_in_flight() {
     let plan = compile_yaml("parallel.yaml", PARALLEL);
     let mut sim = Sim::new(plan);
-    let group_calls = loop {
-        match sim.saga.next(&sim.plan, sim.now) {
-            Next::Record(event) => sim.record(event),
-            Next::Wait(wait) if wait.calls.len() == 2 => break wait.calls,
-            Next::Wait(wait) => {
-                let call = wait.calls[0].clone();
-                let event = sim
-                    .saga
-                    .on_result(&sim.plan, &call, Ok(json!({})), sim.now, 0.5)
-                    .expect("in flight");
-                sim.record(event);
-            }
-            Next::Done => panic!("ended"),
-        }
-    };
+    let group_calls = sim.until_group_calls();
     let failed = sim
         .saga
         .on_result(
