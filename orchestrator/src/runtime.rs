@@ -232,22 +232,41 @@ impl Runtime {
         // after a restart join the same trace.
         let span = saga_span(&plan, &saga_id, false);
         let trace = trace_ref(&span);
-        let first = Saga::start_event_traced(&plan, &saga_id, input, &key, now_ms(), trace);
-        let saga =
-            Saga::from_events(&plan, [&first]).map_err(|e| Error::Internal(e.to_string()))?;
+        let now = now_ms();
+        let first = Saga::start_event_traced(&plan, &saga_id, input, &key, now, trace);
+        let internal = |e: saga_engine::saga::EngineError| Error::Internal(e.to_string());
+        let mut saga = Saga::from_events(&plan, [&first]).map_err(internal)?;
+        // What the saga decides before its first call (that call's intent, steps skipped by
+        // their condition) is stored with it: one durable write per saga fewer, and the
+        // intent is still durable before its call.
+        let mut statuses = vec![(saga.status(), saga.business_status(&plan))];
+        let mut events = vec![first];
+        while let Next::Record(event) = saga.next(&plan, now) {
+            saga.apply(&plan, &event).map_err(internal)?;
+            statuses.push((saga.status(), saga.business_status(&plan)));
+            events.push(event);
+        }
         let created = self
             .inner
             .store
             .create(NewSaga {
                 summary: summary_of(&plan, &saga, &digest),
-                first_event: first.clone(),
+                events: events.clone(),
+                statuses: statuses.clone(),
             })
             .await?;
         match created {
             Created::New => {
                 tracing::info!(parent: &span, saga.id = %saga_id, saga.name = %plan.name, saga.version = plan.version, "saga started");
                 self.inner.metrics.saga_started(&plan.name);
-                self.publish(&saga_id, [(first, SagaStatus::Running)]);
+                for event in &events[1..] {
+                    log_event(&saga_id, event);
+                    measure(&self.inner.metrics, &plan, &saga, &span, event);
+                }
+                self.publish(
+                    &saga_id,
+                    events.into_iter().zip(statuses).map(|(e, (s, _))| (e, s)),
+                );
                 self.spawn_driver(plan.clone(), saga, digest, span);
                 Ok((saga_id, true, plan.version))
             }
@@ -647,39 +666,16 @@ impl Driver {
     fn record(&mut self, event: Event) -> Result<(), Stop> {
         self.saga.apply(&self.plan, &event)?;
         log_event(&self.saga.id, &event);
-        self.measure(&event);
+        measure(
+            &self.runtime.inner.metrics,
+            &self.plan,
+            &self.saga,
+            &self.span,
+            &event,
+        );
         let business = self.saga.business_status(&self.plan);
         self.pending.push((event, self.saga.status(), business));
         Ok(())
-    }
-
-    /// Counts what `event` says in the metrics.
-    fn measure(&self, event: &Event) {
-        let metrics = &self.runtime.inner.metrics;
-        let definition = self.plan.name.as_str();
-        match &event.kind {
-            EventKind::StepFailed {
-                step,
-                phase,
-                retry_at_ms: Some(_),
-                ..
-            } => metrics.retry(definition, step, phase.as_str()),
-            EventKind::StepSucceeded {
-                step,
-                phase: Phase::Compensation,
-                ..
-            } => metrics.compensated(definition, step),
-            EventKind::SagaCompleted
-            | EventKind::SagaCompensated
-            | EventKind::SagaFailed { .. } => {
-                let status = self.saga.status();
-                let took =
-                    Duration::from_millis(event.at_ms.saturating_sub(self.saga.created_at_ms));
-                metrics.saga_finished(definition, status, took);
-                self.span.record(attributes::SAGA_STATUS, status.as_str());
-            }
-            _ => {}
-        }
     }
 
     /// Makes every pending event durable, then publishes it.
@@ -977,6 +973,31 @@ impl Driver {
                 () = shutdown.cancelled() => return Err(Stop::Shutdown),
             }
         }
+    }
+}
+
+/// Counts what `event` (just applied to `saga`) says in the metrics.
+fn measure(metrics: &Metrics, plan: &Plan, saga: &Saga, span: &tracing::Span, event: &Event) {
+    let definition = plan.name.as_str();
+    match &event.kind {
+        EventKind::StepFailed {
+            step,
+            phase,
+            retry_at_ms: Some(_),
+            ..
+        } => metrics.retry(definition, step, phase.as_str()),
+        EventKind::StepSucceeded {
+            step,
+            phase: Phase::Compensation,
+            ..
+        } => metrics.compensated(definition, step),
+        EventKind::SagaCompleted | EventKind::SagaCompensated | EventKind::SagaFailed { .. } => {
+            let status = saga.status();
+            let took = Duration::from_millis(event.at_ms.saturating_sub(saga.created_at_ms));
+            metrics.saga_finished(definition, status, took);
+            span.record(attributes::SAGA_STATUS, status.as_str());
+        }
+        _ => {}
     }
 }
 

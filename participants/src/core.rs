@@ -10,19 +10,31 @@
 //! - `t/<scope>`: the tombstone a compensation leaves when it found nothing to undo.
 //! - `o/<type>/<id>`: business objects (authorizations, store orders, deliveries).
 //!
-//! A call's writes are gathered in a [`Txn`] and applied with one atomic batch while the
-//! apply lock is held, then made durable with a flush after the lock is released.
+//! Every mutating call goes to one writer thread per [`Core`] (the only writer of the
+//! database), with group commit: the writer takes every call queued at that moment (up to
+//! [`MAX_BATCH`]) and runs them one after the other, each in a [`Txn`] whose reads see its
+//! own writes, then those of the calls before it in the group, then the tree. A call that
+//! succeeded or was rejected records its result under `r/<key>` and its writes join the
+//! group's; one that failed on storage leaves nothing. Then the group's writes are applied
+//! with one atomic batch and made durable with one flush, and only then is anyone of the
+//! group answered. A group of nothing but replays of results already in the tree needs no
+//! flush: the writer flushes before it answers, so whatever it answered from is durable.
+//! If the batch or the flush fails, every call of the group gets a storage error.
+//!
+//! A caller that gives up does not stop its call: the writer finishes every call queued,
+//! also when the core is dropped (see [`Core`]'s `Drop`).
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use prost::Message;
 use proto::participant::v1::{LedgerEntry, ListLedgerResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, info, warn};
@@ -107,25 +119,32 @@ pub(crate) fn refused(message: impl Into<String>) -> CallError {
     CallError::Rejected(Status::failed_precondition(message))
 }
 
-/// The writes of one call, applied atomically by [`Txn::commit`]. Reads see the call's own
-/// writes; the apply lock guarantees nobody else writes meanwhile.
+/// Writes not yet applied to the tree, by key.
+type Writes = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The writes of one call, applied with the rest of its group by the writer. Reads see the
+/// call's own writes, then those of the calls before it in the group, then the tree; the
+/// writer is the only writer, so nothing else changes meanwhile.
 pub(crate) struct Txn<'a> {
     tree: &'a sled::Tree,
     key: &'a str,
-    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The writes of the calls before this one in the group.
+    group: &'a Writes,
+    writes: Writes,
 }
 
 impl<'a> Txn<'a> {
-    fn new(tree: &'a sled::Tree, key: &'a str) -> Self {
+    fn new(tree: &'a sled::Tree, key: &'a str, group: &'a Writes) -> Self {
         Txn {
             tree,
             key,
+            group,
             writes: BTreeMap::new(),
         }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CallError> {
-        if let Some(value) = self.writes.get(key) {
+        if let Some(value) = self.writes.get(key).or_else(|| self.group.get(key)) {
             return Ok(Some(value.clone()));
         }
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
@@ -281,14 +300,6 @@ impl<'a> Txn<'a> {
             }
         }
     }
-
-    fn commit(self) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in self.writes {
-            batch.insert(key, value);
-        }
-        self.tree.apply_batch(batch)
-    }
 }
 
 fn decode_u64(bytes: &[u8]) -> Option<u64> {
@@ -317,21 +328,284 @@ fn storage_status(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("storage failure: {e}"))
 }
 
+/// The most calls one group commit takes: applied with one batch, made durable by one
+/// flush.
+const MAX_BATCH: usize = 1024;
+
+/// A call's business logic, holding its decoded request: the encoded response, or why not.
+type Op = Box<dyn for<'a> FnOnce(&mut Txn<'a>) -> Result<Vec<u8>, CallError> + Send>;
+
+/// A mutating call, queued to the writer.
+struct Job {
+    method: &'static str,
+    key: String,
+    op: Op,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The writer's answer to a call, sent once the call's group is durable.
+struct Answer {
+    /// The key's first result, or why there is none.
+    outcome: Result<StoredResult, Status>,
+    log: CallLog,
+}
+
+/// The line a call is logged with, written when this is dropped: by the caller once it has
+/// its answer, or by the writer when the caller has gone. So every call the writer handled
+/// is logged once, mostly off the writer's thread.
+struct CallLog {
+    kind: Kind,
+    method: &'static str,
+    key: String,
+    line: Line,
+}
+
+enum Line {
+    /// Answered with the key's first result.
+    Done {
+        replayed: bool,
+        code: Code,
+        message: String,
+    },
+    /// No result: the error.
+    Failed(String),
+    /// No result, because the group's flush failed: the error.
+    FlushFailed(String),
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        let CallLog {
+            kind,
+            method,
+            key,
+            line,
+        } = &*self;
+        match line {
+            Line::Done {
+                replayed,
+                code: Code::Ok,
+                ..
+            } => {
+                info!(participant = %kind, method, idempotency_key = %key, replayed, outcome = "ok", "call");
+            }
+            Line::Done {
+                replayed,
+                code,
+                message,
+            } => {
+                info!(participant = %kind, method, idempotency_key = %key, replayed, outcome = ?code, message = %message, "call");
+            }
+            Line::Failed(error) => {
+                error!(participant = %kind, method, idempotency_key = %key, error = %error, "call failed");
+            }
+            Line::FlushFailed(error) => {
+                error!(participant = %kind, method, idempotency_key = %key, error = %error, "flush failed");
+            }
+        }
+    }
+}
+
+/// Why a group commit failed: every call of the group gets a storage error.
+enum GroupFailure {
+    Apply(String),
+    Flush(String),
+}
+
+/// The only writer of a core's database, on a thread of its own: runs the calls queued
+/// in groups, each group applied with one batch and made durable with one flush before
+/// any of its calls is answered (see the module doc).
+struct Writer {
+    kind: Kind,
+    db: sled::Db,
+    /// Writes were applied that no successful flush covers yet (a flush failed): the next
+    /// group flushes, even one of nothing but replays.
+    unflushed: bool,
+}
+
+impl Writer {
+    /// Runs groups until every sender is gone and the queue is empty.
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut group = Vec::new();
+        while let Some(job) = rx.blocking_recv() {
+            group.push(job);
+            while group.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(std::mem::take(&mut group));
+        }
+    }
+
+    /// Runs the calls of `group` in order, makes their writes durable, then answers them.
+    fn commit(&mut self, group: Vec<Job>) {
+        let mut writes = Writes::new();
+        let mut ran = Vec::with_capacity(group.len());
+        for job in group {
+            let outcome = self.apply(job.method, &job.key, job.op, &mut writes);
+            ran.push((job.method, job.key, job.reply, outcome));
+        }
+        let failure = self.persist(writes, ran.len());
+        for (method, key, reply, outcome) in ran {
+            let (outcome, line) = match (&failure, outcome) {
+                (Some(GroupFailure::Apply(e)), _) => {
+                    let status = storage_status(e);
+                    let line = Line::Failed(status.message().to_owned());
+                    (Err(status), line)
+                }
+                (Some(GroupFailure::Flush(e)), _) => {
+                    (Err(storage_status(e)), Line::FlushFailed(e.clone()))
+                }
+                (None, Ok((stored, replayed))) => {
+                    let line = Line::Done {
+                        replayed,
+                        code: Code::from_i32(stored.code),
+                        message: stored.message.clone(),
+                    };
+                    (Ok(stored), line)
+                }
+                (None, Err(status)) => {
+                    let line = Line::Failed(status.message().to_owned());
+                    (Err(status), line)
+                }
+            };
+            let log = CallLog {
+                kind: self.kind,
+                method,
+                key,
+                line,
+            };
+            // A caller that has gone no longer needs the answer; its line is logged here.
+            let _ = reply.send(Answer { outcome, log });
+        }
+    }
+
+    /// One call of a group: the key's first result if it has one (in the group's writes or
+    /// the tree), else `op`, whose writes (with its result under `r/<key>`) join the
+    /// group's, unless it failed on storage. Returns the result and whether it is a replay.
+    fn apply(
+        &self,
+        method: &'static str,
+        key: &str,
+        op: Op,
+        writes: &mut Writes,
+    ) -> Result<(StoredResult, bool), Status> {
+        let result_key = result_key(key);
+        let first = match writes.get(&result_key) {
+            Some(bytes) => Some(StoredResult::decode(bytes.as_slice())),
+            None => self
+                .db
+                .get(&result_key)
+                .map_err(storage_status)?
+                .map(|bytes| StoredResult::decode(bytes.as_ref())),
+        };
+        if let Some(stored) = first {
+            let stored = stored.map_err(storage_status)?;
+            if stored.method != method {
+                return Err(Status::invalid_argument(format!(
+                    "idempotency-key {key} was first used with {}, not {method}",
+                    stored.method
+                )));
+            }
+            return Ok((stored, true));
+        }
+        let mut txn = Txn::new(&self.db, key, writes);
+        // A panic fails this call, not the writer (and with it every later call).
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut txn)));
+        let mut own = txn.writes;
+        let stored = match ran {
+            Ok(Ok(response)) => StoredResult {
+                method: method.to_owned(),
+                code: Code::Ok as i32,
+                message: String::new(),
+                response,
+            },
+            Ok(Err(CallError::Rejected(status))) => StoredResult {
+                method: method.to_owned(),
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                response: Vec::new(),
+            },
+            Ok(Err(CallError::Storage(e))) => return Err(storage_status(e)),
+            Err(panic) => {
+                return Err(Status::internal(format!(
+                    "the call panicked: {}",
+                    panic_message(&*panic)
+                )));
+            }
+        };
+        own.insert(result_key, stored.encode_to_vec());
+        writes.extend(own);
+        Ok((stored, false))
+    }
+
+    /// Applies the group's writes with one batch and flushes (also when the group wrote
+    /// nothing but an earlier flush failed). `calls`: the size of the group, for the log.
+    fn persist(&mut self, writes: Writes, calls: usize) -> Option<GroupFailure> {
+        if !writes.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (key, value) in writes {
+                batch.insert(key, value);
+            }
+            if let Err(e) = self.db.apply_batch(batch) {
+                error!(participant = %self.kind, calls, error = %e, "cannot apply the writes of a group of calls");
+                return Some(GroupFailure::Apply(e.to_string()));
+            }
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            // Blocking, on this thread: not sled's flush_async (see `Core::flush`).
+            if let Err(e) = self.db.flush() {
+                error!(participant = %self.kind, calls, error = %e, "cannot flush a group of calls");
+                return Some(GroupFailure::Flush(e.to_string()));
+            }
+            self.unflushed = false;
+        }
+        None
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// One participant's state. The services share it through an `Arc`; the server waits for
 /// the last reference to drop (the database closes with it) before it reports closed.
+/// Dropping it lets the writer finish the calls already queued, and waits for it.
 pub(crate) struct Core {
     kind: Kind,
     db: sled::Db,
-    /// Serializes the check-and-apply section of mutating calls (synchronous sled work).
-    apply: Mutex<()>,
+    /// Where mutating calls go; taken (closing the channel) when the core is dropped.
+    writer_tx: Option<mpsc::UnboundedSender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     faults: Arc<Faults>,
     // Declared last, so dropped after `db`: its receiver fires once the database is closed.
     _closed: oneshot::Sender<()>,
 }
 
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop once the calls queued are done;
+        // joining it releases its handle on the database before ours (and `_closed`) goes.
+        self.writer_tx.take();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            error!(participant = %self.kind, "the writer thread panicked");
+        }
+    }
+}
+
 impl Core {
-    /// Opens (creating if needed) the database at `data_dir`. The receiver resolves (with an
-    /// error) once the returned core and its database are dropped.
+    /// Opens (creating if needed) the database at `data_dir` and starts its writer. The
+    /// receiver resolves (with an error) once the returned core and its database are
+    /// dropped.
     pub(crate) fn open(
         kind: Kind,
         data_dir: &Path,
@@ -342,18 +616,29 @@ impl Core {
             source,
         })?;
         let db = open_db(data_dir)?;
+        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            kind,
+            db: db.clone(),
+            unflushed: false,
+        };
+        let writer = std::thread::Builder::new()
+            .name("participant-writer".into())
+            .spawn(move || writer.run(writer_rx))?;
         let (closed_tx, closed_rx) = oneshot::channel();
         let core = Core {
             kind,
             db,
-            apply: Mutex::new(()),
+            writer_tx: Some(writer_tx),
+            writer: Some(writer),
             faults,
             _closed: closed_tx,
         };
         Ok((Arc::new(core), closed_rx))
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. Every call answered is durable already
+    /// (the writer flushes before it answers); this covers the rest.
     ///
     /// Not `sled::Db::flush_async`: it runs the flush on sled's small shared thread pool,
     /// where it holds sled's process-wide concurrency-control read lock while it waits for
@@ -381,8 +666,9 @@ impl Core {
     }
 
     /// Serves a mutating call: faults, the idempotency key, then `op` applied at most once
-    /// per key. The first result of the key is replayed on every repeat. Returns once the
-    /// result is durable (with an injected lost reply, UNAVAILABLE instead of that result).
+    /// per key, by the writer. The first result of the key is replayed on every repeat.
+    /// Returns once the result is durable (with an injected lost reply, UNAVAILABLE instead
+    /// of that result).
     pub(crate) async fn mutate<T, R, F>(
         self: &Arc<Self>,
         method: &'static str,
@@ -405,13 +691,28 @@ impl Core {
         let message = request.into_inner();
         // Decided on arrival, so "the next n calls" are the next n that get this far.
         let lose_reply = self.faults.take_lost_reply(method);
-        // A task of its own: a caller that gives up cannot interrupt the apply and flush,
-        // and the core (with its database) stays referenced until they are done.
-        let core = Arc::clone(self);
-        let task = tokio::spawn(async move { core.apply_durably(method, key, message, op).await });
-        let stored = task
-            .await
-            .map_err(|e| Status::internal(format!("call task failed: {e}")))??;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            method,
+            key,
+            op: Box::new(move |txn: &mut Txn<'_>| {
+                op(message, txn).map(|response| response.encode_to_vec())
+            }),
+            reply,
+        };
+        // Once queued, the call is the writer's: a caller that gives up cannot interrupt
+        // the apply and flush.
+        let queued = self
+            .writer_tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok());
+        let answer = if queued { answer.await.ok() } else { None };
+        let Some(Answer { outcome, log }) = answer else {
+            error!(participant = %self.kind, method, "the writer has stopped");
+            return Err(storage_status("the writer has stopped"));
+        };
+        drop(log);
+        let stored = outcome?;
         if lose_reply {
             // The result is recorded and durable; only this reply goes missing.
             warn!(participant = %self.kind, method, "injected lost reply");
@@ -425,85 +726,6 @@ impl Core {
         R::decode(stored.response.as_slice())
             .map(Response::new)
             .map_err(|e| Status::internal(format!("corrupt stored response: {e}")))
-    }
-
-    async fn apply_durably<T, R, F>(
-        &self,
-        method: &'static str,
-        key: String,
-        message: T,
-        op: F,
-    ) -> Result<StoredResult, Status>
-    where
-        R: Message,
-        F: FnOnce(T, &mut Txn<'_>) -> Result<R, CallError>,
-    {
-        let applied = {
-            let _guard = self.apply.lock().unwrap_or_else(PoisonError::into_inner);
-            self.apply_locked(method, &key, message, op)
-        };
-        let (stored, replayed) = match applied {
-            Ok(applied) => applied,
-            Err(status) => {
-                error!(participant = %self.kind, method, idempotency_key = %key, error = %status.message(), "call failed");
-                return Err(status);
-            }
-        };
-        // Also for a replay: the first call may still be flushing the result it recorded.
-        if let Err(e) = self.flush().await {
-            error!(participant = %self.kind, method, idempotency_key = %key, error = %e, "flush failed");
-            return Err(storage_status(e));
-        }
-        let code = Code::from_i32(stored.code);
-        if code == Code::Ok {
-            info!(participant = %self.kind, method, idempotency_key = %key, replayed, outcome = "ok", "call");
-        } else {
-            info!(participant = %self.kind, method, idempotency_key = %key, replayed, outcome = ?code, message = %stored.message, "call");
-        }
-        Ok(stored)
-    }
-
-    fn apply_locked<T, R, F>(
-        &self,
-        method: &'static str,
-        key: &str,
-        message: T,
-        op: F,
-    ) -> Result<(StoredResult, bool), Status>
-    where
-        R: Message,
-        F: FnOnce(T, &mut Txn<'_>) -> Result<R, CallError>,
-    {
-        let result_key = result_key(key);
-        if let Some(bytes) = self.db.get(&result_key).map_err(storage_status)? {
-            let stored = StoredResult::decode(bytes.as_ref()).map_err(storage_status)?;
-            if stored.method != method {
-                return Err(Status::invalid_argument(format!(
-                    "idempotency-key {key} was first used with {}, not {method}",
-                    stored.method
-                )));
-            }
-            return Ok((stored, true));
-        }
-        let mut txn = Txn::new(&self.db, key);
-        let stored = match op(message, &mut txn) {
-            Ok(response) => StoredResult {
-                method: method.to_owned(),
-                code: Code::Ok as i32,
-                message: String::new(),
-                response: response.encode_to_vec(),
-            },
-            Err(CallError::Rejected(status)) => StoredResult {
-                method: method.to_owned(),
-                code: status.code() as i32,
-                message: status.message().to_owned(),
-                response: Vec::new(),
-            },
-            Err(CallError::Storage(e)) => return Err(storage_status(e)),
-        };
-        txn.put(result_key, stored.encode_to_vec());
-        txn.commit().map_err(storage_status)?;
-        Ok((stored, false))
     }
 
     /// Serves `ListLedger`: every entry in seq order.
@@ -551,7 +773,13 @@ fn idempotency_key(metadata: &MetadataMap) -> Option<String> {
 pub(crate) fn open_db(data_dir: &Path) -> Result<sled::Db, ParticipantError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match sled::Config::new().path(data_dir).open() {
+        // Every write is flushed explicitly (the writer's group commit, the notifier's
+        // cursor): no background flush thread.
+        match sled::Config::new()
+            .path(data_dir)
+            .flush_every_ms(None)
+            .open()
+        {
             Err(sled::Error::Io(io))
                 if (io.kind() == std::io::ErrorKind::WouldBlock
                     || io.to_string().contains("lock"))
@@ -561,5 +789,294 @@ pub(crate) fn open_db(data_dir: &Path) -> Result<sled::Db, ParticipantError> {
             }
             opened => return Ok(opened?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use proto::participant::v1::ListLedgerRequest;
+    use proto::payment::v1::payment_server::Payment;
+    use proto::payment::v1::{AuthorizeChargeRequest, VoidChargeRequest};
+
+    use super::*;
+    use crate::payment::{DECLINED_CARD, PaymentService};
+
+    fn with_key<T>(key: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(IDEMPOTENCY_KEY, key.parse().unwrap());
+        request
+    }
+
+    /// Order `i`: declined for every tenth, else authorized.
+    fn authorize(i: usize) -> Request<AuthorizeChargeRequest> {
+        let card = if i.is_multiple_of(10) {
+            DECLINED_CARD
+        } else {
+            "tok_visa"
+        };
+        with_key(
+            &format!("o-{i}/action"),
+            AuthorizeChargeRequest {
+                order_id: format!("o-{i}"),
+                customer_id: format!("c-{i}"),
+                amount_cents: 100 + i as i64,
+                card: card.to_owned(),
+            },
+        )
+    }
+
+    type Outcome = Result<String, (Code, String)>;
+
+    /// Authorizes every order of `orders` at once; returns each call's order and outcome
+    /// (the authorization id, or the error).
+    async fn authorize_all(
+        service: &Arc<PaymentService>,
+        orders: &[usize],
+    ) -> Vec<(usize, Outcome)> {
+        let calls: Vec<_> = orders
+            .iter()
+            .map(|&i| {
+                let service = Arc::clone(service);
+                tokio::spawn(async move {
+                    let outcome = match service.authorize_charge(authorize(i)).await {
+                        Ok(response) => Ok(response.into_inner().authorization_id),
+                        Err(status) => Err((status.code(), status.message().to_owned())),
+                    };
+                    (i, outcome)
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(calls.len());
+        for call in calls {
+            outcomes.push(call.await.unwrap());
+        }
+        outcomes
+    }
+
+    /// The single outcome of every order, checking that all calls of an order had it.
+    fn outcome_by_order(outcomes: &[(usize, Outcome)]) -> HashMap<usize, Outcome> {
+        let mut by_order = HashMap::new();
+        for (i, outcome) in outcomes {
+            let first = by_order.entry(*i).or_insert_with(|| outcome.clone());
+            assert_eq!(first, outcome, "order {i}: a repeat got another result");
+        }
+        by_order
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_calls_apply_each_key_once_and_survive_a_reopen() {
+        const ORDERS: usize = 150;
+        let dir = tempfile::tempdir().unwrap();
+        let (core, closed) =
+            Core::open(Kind::Payment, dir.path(), Arc::new(Faults::default())).unwrap();
+        let service = Arc::new(PaymentService::new(Arc::clone(&core)));
+
+        // 200 calls: every order once, every third twice in a row (likely the same group).
+        let mut orders = Vec::new();
+        for i in 0..ORDERS {
+            orders.push(i);
+            if i.is_multiple_of(3) {
+                orders.push(i);
+            }
+        }
+        assert_eq!(orders.len(), 200);
+        let outcomes = authorize_all(&service, &orders).await;
+        let first = outcome_by_order(&outcomes);
+        assert_eq!(first.len(), ORDERS);
+
+        let mut authorizations = BTreeSet::new();
+        for (i, outcome) in &first {
+            match outcome {
+                Ok(id) => {
+                    assert!(!i.is_multiple_of(10), "order {i} should be declined");
+                    assert!(authorizations.insert(id.clone()), "{id} given twice");
+                }
+                Err((code, message)) => {
+                    assert!(i.is_multiple_of(10), "order {i}: {code:?} {message}");
+                    assert_eq!(*code, Code::FailedPrecondition);
+                    assert_eq!(message, "card declined");
+                }
+            }
+        }
+        let authorized = ORDERS - ORDERS.div_ceil(10);
+        assert_eq!(authorizations.len(), authorized);
+        // Ids come from one counter, read through the writes of earlier calls of the group.
+        let expected: BTreeSet<String> = (1..=authorized).map(|n| format!("auth-{n}")).collect();
+        assert_eq!(authorizations, expected);
+
+        // One ledger entry per authorized key, seqs without gaps.
+        assert_eq!(core.ledger_entries().unwrap(), authorized as u64);
+        let ledger = service
+            .list_ledger(Request::new(ListLedgerRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert_eq!(
+            ledger.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=authorized as u64).collect::<Vec<_>>()
+        );
+        let keys: BTreeSet<&str> = ledger.iter().map(|e| e.idempotency_key.as_str()).collect();
+        assert_eq!(keys.len(), authorized);
+        for entry in &ledger {
+            let i: usize = entry.order_id.trim_start_matches("o-").parse().unwrap();
+            assert_eq!(entry.idempotency_key, format!("o-{i}/action"));
+            assert_eq!(first[&i], Ok(entry.reference.clone()));
+        }
+
+        // A key is bound to its first method.
+        let err = service
+            .void_charge(with_key(
+                "o-1/action",
+                VoidChargeRequest {
+                    order_id: "o-1".to_owned(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+        // Closed, then reopened: every first result is still there, and nothing reapplies.
+        drop(service);
+        drop(core);
+        assert!(closed.await.is_err());
+        let (core, closed) =
+            Core::open(Kind::Payment, dir.path(), Arc::new(Faults::default())).unwrap();
+        assert_eq!(core.ledger_entries().unwrap(), authorized as u64);
+        let service = Arc::new(PaymentService::new(Arc::clone(&core)));
+        let all: Vec<usize> = (0..ORDERS).collect();
+        let again = outcome_by_order(&authorize_all(&service, &all).await);
+        assert_eq!(again, first);
+        assert_eq!(core.ledger_entries().unwrap(), authorized as u64);
+        drop(service);
+        drop(core);
+        assert!(closed.await.is_err());
+    }
+
+    /// A job for [`Writer::commit`] and the receiver of its answer.
+    fn job(
+        method: &'static str,
+        key: &str,
+        op: impl FnOnce(&mut Txn<'_>) -> Result<Vec<u8>, CallError> + Send + 'static,
+    ) -> (Job, oneshot::Receiver<Answer>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            method,
+            key: key.to_owned(),
+            op: Box::new(op),
+            reply,
+        };
+        (job, answer)
+    }
+
+    /// Takes the next id of counter "x", and returns it.
+    fn next_x(txn: &mut Txn<'_>) -> Result<Vec<u8>, CallError> {
+        Ok(txn.next_id("x")?.to_be_bytes().to_vec())
+    }
+
+    fn answer(mut answer: oneshot::Receiver<Answer>) -> Result<(i32, String, Vec<u8>), Code> {
+        let Answer { outcome, log } = answer.try_recv().unwrap();
+        drop(log);
+        outcome
+            .map(|s| (s.code, s.message, s.response))
+            .map_err(|status| status.code())
+    }
+
+    #[test]
+    fn a_group_runs_its_calls_in_order_and_keeps_only_what_did_not_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let mut writer = Writer {
+            kind: Kind::Payment,
+            db: db.clone(),
+            unflushed: false,
+        };
+        let (a, a_answer) = job("M", "a", next_x);
+        // Same key, same group: a replay of a's result, not applied again.
+        let (a_again, a_again_answer) = job("M", "a", |_| panic!("a is applied once"));
+        let (broken, broken_answer) = job("M", "broken", |txn| {
+            next_x(txn)?;
+            Err(CallError::Storage("disk on fire".to_owned()))
+        });
+        let (panics, panics_answer) = job("M", "panics", |txn| {
+            next_x(txn)?;
+            panic!("a bug");
+        });
+        let (refused_call, refused_answer) = job("M", "refused", |txn| {
+            next_x(txn)?;
+            Err(refused("no"))
+        });
+        let (b, b_answer) = job("M", "b", next_x);
+        writer.commit(vec![a, a_again, broken, panics, refused_call, b]);
+
+        let one = 1u64.to_be_bytes().to_vec();
+        assert_eq!(answer(a_answer), Ok((0, String::new(), one.clone())));
+        assert_eq!(answer(a_again_answer), Ok((0, String::new(), one)));
+        assert_eq!(answer(broken_answer), Err(Code::Internal));
+        assert_eq!(answer(panics_answer), Err(Code::Internal));
+        // A rejection is a result, and keeps the writes made before it.
+        let rejected = Ok((Code::FailedPrecondition as i32, "no".to_owned(), vec![]));
+        assert_eq!(answer(refused_answer), rejected);
+        assert_eq!(
+            answer(b_answer),
+            Ok((0, String::new(), 3u64.to_be_bytes().to_vec()))
+        );
+        assert_eq!(
+            db.get("c/x").unwrap().unwrap().as_ref(),
+            3u64.to_be_bytes().as_slice()
+        );
+        assert!(db.get(result_key("broken")).unwrap().is_none());
+        assert!(db.get(result_key("panics")).unwrap().is_none());
+
+        // Later groups replay from the tree; another method is refused; a failed key can
+        // be retried.
+        let (refused_again, refused_again_answer) = job("M", "refused", |_| panic!("replayed"));
+        let (other_method, other_method_answer) = job("N", "a", |_| panic!("refused"));
+        let (broken_retry, broken_retry_answer) = job("M", "broken", next_x);
+        writer.commit(vec![refused_again, other_method, broken_retry]);
+        assert_eq!(answer(refused_again_answer), rejected);
+        assert_eq!(answer(other_method_answer), Err(Code::InvalidArgument));
+        assert_eq!(
+            answer(broken_retry_answer),
+            Ok((0, String::new(), 4u64.to_be_bytes().to_vec()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_does_not_stop_its_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (core, closed) =
+            Core::open(Kind::Payment, dir.path(), Arc::new(Faults::default())).unwrap();
+        let service = PaymentService::new(Arc::clone(&core));
+        // Polled once: far enough to queue the call, then dropped.
+        {
+            let call = service.authorize_charge(authorize(1));
+            tokio::pin!(call);
+            let _ = poll_once(call.as_mut()).await;
+        }
+        drop(service);
+        drop(core);
+        assert!(closed.await.is_err());
+        let (core, closed) =
+            Core::open(Kind::Payment, dir.path(), Arc::new(Faults::default())).unwrap();
+        assert_eq!(core.ledger_entries().unwrap(), 1);
+        drop(core);
+        assert!(closed.await.is_err());
+    }
+
+    /// Polls `future` once.
+    async fn poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

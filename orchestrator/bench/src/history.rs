@@ -141,10 +141,7 @@ pub async fn prefill(data: &Path, sagas_dir: &Path, count: usize) -> anyhow::Res
             }
         };
         let n = events.len();
-        let create = NewSaga {
-            summary: summary_after(1),
-            first_event: events[0].clone(),
-        };
+        let create = NewSaga::started(summary_after(1), events[0].clone());
         let append = Appended {
             summary: summary_after(n),
             statuses: template.statuses[1..].to_vec(),

@@ -106,11 +106,27 @@ pub struct Appended {
     pub statuses: Vec<(SagaStatus, String)>,
 }
 
-/// A saga to create: its summary and first event.
+/// A saga to create: its summary and first events (`saga_started`, and whatever the saga
+/// decided before its first call, such as that call's intent), written in one go.
 #[derive(Debug, Clone)]
 pub struct NewSaga {
     pub summary: Summary,
-    pub first_event: Event,
+    /// From seq 1 on, in order.
+    pub events: Vec<Event>,
+    /// (status, business status) after each event, in order; empty: only the summary's,
+    /// after the last event.
+    pub statuses: Vec<(SagaStatus, String)>,
+}
+
+impl NewSaga {
+    /// A saga created with its start event alone.
+    pub fn started(summary: Summary, first_event: Event) -> NewSaga {
+        NewSaga {
+            summary,
+            events: vec![first_event],
+            statuses: Vec::new(),
+        }
+    }
 }
 
 /// The outcome of [`SagaStore::create`].

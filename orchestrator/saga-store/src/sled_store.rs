@@ -23,8 +23,11 @@
 //! - `meta`: `format_version` → u32 BE ([`FORMAT_VERSION`]).
 //!
 //! Every write goes to one writer thread. It takes every write queued at that moment
-//! (up to [`MAX_BATCH`]), applies each in its own sled transaction, flushes once, and only
-//! then answers them all.
+//! (up to [`MAX_BATCH`]), applies them all in one sled transaction, flushes once, and only
+//! then answers them all. One transaction per batch, not per write: sled 0.34 writes its log
+//! buffer out synchronously around every transaction, so that cost is paid once per batch.
+//! Each write's own checks decide its own outcome inside the transaction; only a storage
+//! error fails (and discards) the whole batch.
 //!
 //! The writer, being the only writer, also numbers the change feed: it holds the next
 //! cursor, and a cursor is taken only by a transaction that committed. After each flush it
@@ -45,7 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use saga_engine::{Event, SagaStatus};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{TransactionError, TransactionalTree, UnabortableTransactionError};
 use sled::{Transactional, Tree};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -80,27 +83,6 @@ enum Op {
     Create(NewSaga, oneshot::Sender<Result<Created>>),
     Append(Appended, oneshot::Sender<Result<()>>),
     PutDefinition(StoredDefinition, oneshot::Sender<Result<PutDefinition>>),
-}
-
-/// A reply waiting for the batch's flush.
-enum Reply {
-    Create(oneshot::Sender<Result<Created>>, Result<Created>),
-    Append(oneshot::Sender<Result<()>>, Result<()>),
-    PutDefinition(
-        oneshot::Sender<Result<PutDefinition>>,
-        Result<PutDefinition>,
-    ),
-}
-
-impl Reply {
-    fn send(self, fault: Option<&StoreError>) {
-        // A caller that went away no longer needs the answer.
-        match self {
-            Reply::Create(tx, r) => drop(tx.send(fault.cloned().map_or(r, Err))),
-            Reply::Append(tx, r) => drop(tx.send(fault.cloned().map_or(r, Err))),
-            Reply::PutDefinition(tx, r) => drop(tx.send(fault.cloned().map_or(r, Err))),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -290,20 +272,6 @@ fn change_key(cursor: u64) -> [u8; 8] {
     cursor.to_be_bytes()
 }
 
-/// The change a summary records, numbered `cursor`.
-fn change_of(summary: &Summary, cursor: u64) -> Change {
-    Change {
-        cursor,
-        saga_id: summary.saga_id.clone(),
-        definition: summary.definition.clone(),
-        version: summary.version,
-        status: summary.status,
-        business_status: summary.business_status.clone(),
-        seq: summary.last_seq,
-        at_ms: summary.updated_at_ms,
-    }
-}
-
 fn definition_key(name: &str, version: u32) -> Vec<u8> {
     let mut key = name.as_bytes().to_vec();
     key.push(0);
@@ -323,20 +291,6 @@ fn from_json<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result
         key: String::from_utf8_lossy(key).into_owned(),
         cause: e.to_string(),
     })
-}
-
-type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
-
-fn abort<T>(e: StoreError) -> TxResult<T> {
-    Err(ConflictableTransactionError::Abort(e))
-}
-
-fn tx_result<T>(r: std::result::Result<T, TransactionError<StoreError>>) -> (Result<T>, bool) {
-    match r {
-        Ok(v) => (Ok(v), false),
-        Err(TransactionError::Abort(e)) => (Err(e), false),
-        Err(TransactionError::Storage(e)) => (Err(fault(e)), true),
-    }
 }
 
 /// How long [`SledStore::open`] keeps trying a directory whose lock is held: a store just
@@ -578,76 +532,15 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Vec<Op>) {
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut failed: Option<StoreError> = self.shared.fault().map(StoreError::Fault);
-        let mut events = 0u64;
-        // Whether this batch wrote anything; a batch that only found existing records (an
-        // idempotent create, an unchanged definition) needs no flush: everything it read was
-        // flushed by an earlier batch before anyone was answered.
-        let mut wrote = false;
-        // The highest cursor this batch wrote, published once the batch is flushed.
-        let mut last_cursor = None;
-        for (index, op) in batch.into_iter().enumerate() {
-            if index > 0 {
-                // Crash point: between two writes of one batch, nothing flushed yet.
-                fail::fail_point!("store::between_writes", |_| crate::crash(
-                    "store::between_writes"
-                ));
-            }
-            if let Some(f) = &failed {
-                // After a fault nothing more is written; answer with the fault.
-                let f = Some(f);
-                match op {
-                    Op::Create(_, tx) => Reply::Create(tx, Ok(Created::New)).send(f),
-                    Op::Append(_, tx) => Reply::Append(tx, Ok(())).send(f),
-                    Op::PutDefinition(_, tx) => {
-                        Reply::PutDefinition(tx, Ok(PutDefinition::Created)).send(f)
-                    }
-                }
-                continue;
-            }
-            let is_fault = match op {
-                Op::Create(new, tx) => {
-                    let cursor = self.next_cursor;
-                    let (r, is_fault) = tx_result(self.create(&new, cursor));
-                    if matches!(r, Ok(Created::New)) {
-                        last_cursor = Some(cursor);
-                        self.next_cursor += 1;
-                    }
-                    wrote |= matches!(r, Ok(Created::New)) || is_fault;
-                    replies.push(Reply::Create(tx, r.clone()));
-                    if is_fault { r.err() } else { None }
-                }
-                Op::Append(appended, tx) => {
-                    let count = appended.events.len() as u64;
-                    let cursor = self.next_cursor;
-                    let (r, is_fault) = tx_result(self.append(&appended, cursor));
-                    if let Ok(changes) = r
-                        && changes > 0
-                    {
-                        last_cursor = Some(cursor + changes - 1);
-                        self.next_cursor += changes;
-                    }
-                    let r = r.map(|_changes| ());
-                    wrote |= r.is_ok() || is_fault;
-                    if r.is_ok() {
-                        events += count;
-                    }
-                    replies.push(Reply::Append(tx, r.clone()));
-                    if is_fault { r.err() } else { None }
-                }
-                Op::PutDefinition(definition, tx) => {
-                    let (r, is_fault) = tx_result(self.put_definition(&definition));
-                    wrote |= matches!(r, Ok(PutDefinition::Created)) || is_fault;
-                    replies.push(Reply::PutDefinition(tx, r.clone()));
-                    if is_fault { r.err() } else { None }
-                }
-            };
-            if let Some(e) = is_fault {
-                failed = Some(e);
-            }
-        }
-        if failed.is_none() && wrote {
+        // After a fault nothing more is written; every write is answered with the fault.
+        let applied = match self.shared.fault() {
+            Some(cause) => Err(StoreError::Fault(cause)),
+            None => self.apply(&batch),
+        };
+        let mut failed = applied.as_ref().err().cloned();
+        if let Ok(applied) = &applied
+            && applied.wrote
+        {
             // Crash point: the batch is written to sled but not flushed; nobody was answered.
             fail::fail_point!("store::before_flush", |_| crate::crash(
                 "store::before_flush"
@@ -673,12 +566,14 @@ impl Writer {
                         .ok()
                         .and_then(|o| o.clone());
                     if let Some(observer) = observer {
-                        observer(started.elapsed(), replies.len());
+                        observer(started.elapsed(), batch.len());
                     }
-                    if let Some(cursor) = last_cursor {
+                    if applied.next_cursor > self.next_cursor {
                         // Before anyone is answered: a caller whose write resolved finds
                         // its change in the feed.
-                        self.shared.durable_cursor.send_replace(cursor);
+                        self.shared
+                            .durable_cursor
+                            .send_replace(applied.next_cursor - 1);
                     }
                 }
                 Err(e) => failed = Some(e),
@@ -688,32 +583,42 @@ impl Writer {
             tracing::error!(cause = %cause, "storage fault: the store stops accepting writes");
             self.shared.set_fault(cause.clone());
         }
-        if failed.is_none() {
-            self.shared
-                .writes
-                .fetch_add(replies.len() as u64, Ordering::Relaxed);
-            self.shared.events.fetch_add(events, Ordering::Relaxed);
-        }
-        for reply in replies {
-            reply.send(failed.as_ref());
+        let outcomes = match applied {
+            Ok(applied) if failed.is_none() => {
+                self.next_cursor = applied.next_cursor;
+                self.shared
+                    .writes
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.shared
+                    .events
+                    .fetch_add(applied.events, Ordering::Relaxed);
+                applied.outcomes
+            }
+            _ => Vec::new(),
+        };
+        let mut outcomes = outcomes.into_iter();
+        for op in batch {
+            let outcome = outcomes.next();
+            let fault = failed.as_ref();
+            // A caller that went away no longer needs the answer.
+            match (op, outcome) {
+                (Op::Create(_, tx), Some(Outcome::Create(r))) => drop(tx.send(r)),
+                (Op::Append(_, tx), Some(Outcome::Append(r))) => drop(tx.send(r)),
+                (Op::PutDefinition(_, tx), Some(Outcome::PutDefinition(r))) => drop(tx.send(r)),
+                (Op::Create(_, tx), _) => drop(tx.send(Err(answer_fault(fault)))),
+                (Op::Append(_, tx), _) => drop(tx.send(Err(answer_fault(fault)))),
+                (Op::PutDefinition(_, tx), _) => drop(tx.send(Err(answer_fault(fault)))),
+            }
         }
     }
 
-    /// Writes a new saga, with its change numbered `cursor`, unless its idempotency key
-    /// already names one.
-    fn create(
-        &self,
-        new: &NewSaga,
-        cursor: u64,
-    ) -> std::result::Result<Created, TransactionError<StoreError>> {
+    /// Applies every write of `batch` in one sled transaction: one log reservation and one
+    /// atomic unit for the whole batch. Each write's own checks (an existing idempotency key,
+    /// a sequence that does not follow, a terminal saga) decide its outcome alone; only a
+    /// storage error fails the batch, and then nothing of it is applied.
+    fn apply(&self, batch: &[Op]) -> Result<Applied> {
         let t = &self.trees;
-        let summary_json = to_json(&new.summary).map_err(TransactionError::Abort)?;
-        let event_json = to_json(&new.first_event).map_err(TransactionError::Abort)?;
-        let change_json =
-            to_json(&change_of(&new.summary, cursor)).map_err(TransactionError::Abort)?;
-        let keys = IndexKeys::of(&new.summary);
-        let id = new.summary.saga_id.as_str();
-        (
+        let trees: [&Tree; 10] = [
             &t.idempotency,
             &t.sagas,
             &t.events,
@@ -722,217 +627,328 @@ impl Writer {
             &t.by_definition,
             &t.by_status_definition,
             &t.changes,
-        )
-            .transaction(
-                |(
-                    idempotency,
-                    sagas,
-                    events,
-                    by_created,
-                    by_status,
-                    by_definition,
-                    by_status_definition,
-                    changes,
-                )| {
-                    let key = new.summary.idempotency_key.as_bytes();
-                    if let Some(existing) = idempotency.get(key)? {
-                        return match sagas.get(&existing)? {
-                            Some(bytes) => match from_json::<Summary>(&existing, &bytes) {
-                                Ok(summary) => Ok(Created::Existing(summary)),
-                                Err(e) => abort(e),
-                            },
-                            None => abort(StoreError::Corrupt {
-                                key: String::from_utf8_lossy(key).into_owned(),
-                                cause: "idempotency key names a saga that does not exist".into(),
-                            }),
-                        };
+            &t.definitions,
+            &t.definition_descriptors,
+        ];
+        let result = trees[..].transaction(|view: &Vec<TransactionalTree>| {
+            let tx = TxTrees::of(view);
+            let mut applied = Applied {
+                outcomes: Vec::with_capacity(batch.len()),
+                next_cursor: self.next_cursor,
+                wrote: false,
+                events: 0,
+            };
+            for (index, op) in batch.iter().enumerate() {
+                if index > 0 {
+                    // Crash point: between two writes of one batch, nothing flushed yet.
+                    fail::fail_point!("store::between_writes", |_| crate::crash(
+                        "store::between_writes"
+                    ));
+                }
+                let outcome = match op {
+                    Op::Create(new, _) => {
+                        let r = create(&tx, new, &mut applied.next_cursor)?;
+                        if matches!(r, Ok(Created::New)) {
+                            applied.wrote = true;
+                            applied.events += new.events.len() as u64;
+                        }
+                        Outcome::Create(r)
                     }
-                    idempotency.insert(key, id.as_bytes())?;
-                    sagas.insert(id.as_bytes(), summary_json.as_slice())?;
-                    events.insert(event_key(id, new.first_event.seq), event_json.as_slice())?;
-                    by_created.insert(keys.by_created.as_slice(), &[])?;
-                    by_status.insert(keys.by_status.as_slice(), &[])?;
-                    by_definition.insert(keys.by_definition.as_slice(), &[])?;
-                    by_status_definition.insert(keys.by_status_definition.as_slice(), &[])?;
-                    changes.insert(&change_key(cursor), change_json.as_slice())?;
-                    Ok(Created::New)
-                },
-            )
+                    Op::Append(appended, _) => {
+                        let r = append(&tx, appended, &mut applied.next_cursor)?;
+                        if r.is_ok() {
+                            applied.wrote = true;
+                            applied.events += appended.events.len() as u64;
+                        }
+                        Outcome::Append(r)
+                    }
+                    Op::PutDefinition(definition, _) => {
+                        let r = put_definition(&tx, definition)?;
+                        applied.wrote |= matches!(r, Ok(PutDefinition::Created));
+                        Outcome::PutDefinition(r)
+                    }
+                };
+                applied.outcomes.push(outcome);
+            }
+            Ok(applied)
+        });
+        match result {
+            Ok(applied) => Ok(applied),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(fault(e)),
+        }
+    }
+}
+
+/// The answer for a write of a batch that failed as a whole.
+fn answer_fault(fault: Option<&StoreError>) -> StoreError {
+    fault
+        .cloned()
+        .unwrap_or_else(|| StoreError::Fault("the batch was not applied".into()))
+}
+
+/// What one write of a batch came to, before the flush.
+enum Outcome {
+    Create(Result<Created>),
+    Append(Result<()>),
+    PutDefinition(Result<PutDefinition>),
+}
+
+/// What a batch's transaction did.
+struct Applied {
+    /// One per write, in order.
+    outcomes: Vec<Outcome>,
+    /// The cursor the next change will take once this batch is durable.
+    next_cursor: u64,
+    /// Whether anything was written: a batch that only found existing records (an
+    /// idempotent create, an unchanged definition) needs no flush, since everything it
+    /// read was flushed by an earlier batch before anyone was answered.
+    wrote: bool,
+    events: u64,
+}
+
+/// The transaction's view of every tree, by name.
+struct TxTrees<'a> {
+    idempotency: &'a TransactionalTree,
+    sagas: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+    by_created: &'a TransactionalTree,
+    by_status: &'a TransactionalTree,
+    by_definition: &'a TransactionalTree,
+    by_status_definition: &'a TransactionalTree,
+    changes: &'a TransactionalTree,
+    definitions: &'a TransactionalTree,
+    definition_descriptors: &'a TransactionalTree,
+}
+
+impl<'a> TxTrees<'a> {
+    /// `view` in the order [`Writer::apply`] lists the trees.
+    fn of(view: &'a [TransactionalTree]) -> TxTrees<'a> {
+        TxTrees {
+            idempotency: &view[0],
+            sagas: &view[1],
+            events: &view[2],
+            by_created: &view[3],
+            by_status: &view[4],
+            by_definition: &view[5],
+            by_status_definition: &view[6],
+            changes: &view[7],
+            definitions: &view[8],
+            definition_descriptors: &view[9],
+        }
     }
 
-    /// Appends events and replaces the summary; writes a change, numbered from `cursor`,
-    /// for every event after which the status or business status differs from the one
-    /// before it, and says how many it wrote.
-    fn append(
+    /// Writes one change per event after which (status, business status) differs from
+    /// `previous`, numbered from `*cursor` on.
+    fn write_changes(
         &self,
-        appended: &Appended,
-        cursor: u64,
-    ) -> std::result::Result<u64, TransactionError<StoreError>> {
-        let t = &self.trees;
-        let new_events = appended.events.as_slice();
-        let summary = &appended.summary;
-        let id = summary.saga_id.as_str();
-        let summary_json = to_json(summary).map_err(TransactionError::Abort)?;
+        summary: &Summary,
+        events: &[Event],
+        statuses: &[(SagaStatus, String)],
+        mut previous: Option<(SagaStatus, String)>,
+        cursor: &mut u64,
+    ) -> std::result::Result<Result<()>, UnabortableTransactionError> {
         // The status after each event: given, or the summary's after the last one.
-        let after: Vec<(&Event, SagaStatus, &str)> = if appended.statuses.len() == new_events.len()
-        {
-            new_events
+        let after: Vec<(&Event, SagaStatus, &str)> = if statuses.len() == events.len() {
+            events
                 .iter()
-                .zip(&appended.statuses)
+                .zip(statuses)
                 .map(|(e, (s, b))| (e, *s, b.as_str()))
                 .collect()
         } else {
-            new_events
+            events
                 .last()
                 .map(|e| (e, summary.status, summary.business_status.as_str()))
                 .into_iter()
                 .collect()
         };
-        let new_keys = IndexKeys::of(summary);
-        let encoded: Vec<(Vec<u8>, Vec<u8>)> = new_events
-            .iter()
-            .map(|e| Ok((event_key(id, e.seq), to_json(e)?)))
-            .collect::<Result<_>>()
-            .map_err(TransactionError::Abort)?;
-        (
-            &t.sagas,
-            &t.events,
-            &t.by_created,
-            &t.by_status,
-            &t.by_definition,
-            &t.by_status_definition,
-            &t.changes,
-        )
-            .transaction(
-                |(
-                    sagas,
-                    events,
-                    by_created,
-                    by_status,
-                    by_definition,
-                    by_status_definition,
-                    changes,
-                ): &(
-                    TransactionalTree,
-                    TransactionalTree,
-                    TransactionalTree,
-                    TransactionalTree,
-                    TransactionalTree,
-                    TransactionalTree,
-                    TransactionalTree,
-                )| {
-                    let Some(old) = sagas.get(id.as_bytes())? else {
-                        return abort(StoreError::Corrupt {
-                            key: id.to_owned(),
-                            cause: "append to a saga that does not exist".into(),
-                        });
-                    };
-                    let old: Summary = match from_json(id.as_bytes(), &old) {
-                        Ok(s) => s,
-                        Err(e) => return abort(e),
-                    };
-                    let first = new_events.first().map_or(old.last_seq + 1, |e| e.seq);
-                    if first != old.last_seq + 1
-                        || summary.last_seq != old.last_seq + new_events.len() as u64
-                    {
-                        return abort(StoreError::Corrupt {
-                            key: id.to_owned(),
-                            cause: format!(
-                                "append of seq {first} does not follow seq {}",
-                                old.last_seq
-                            ),
-                        });
-                    }
-                    if old.status.is_terminal() {
-                        return abort(StoreError::Corrupt {
-                            key: id.to_owned(),
-                            cause: format!(
-                                "append to a saga that is already {}",
-                                old.status.as_str()
-                            ),
-                        });
-                    }
-                    for (key, value) in &encoded {
-                        events.insert(key.as_slice(), value.as_slice())?;
-                    }
-                    sagas.insert(id.as_bytes(), summary_json.as_slice())?;
-                    // Usually only the status moves; the indexes follow whatever the
-                    // summary says, so they never disagree with it.
-                    let old_keys = IndexKeys::of(&old);
-                    let moves = [
-                        (by_created, &old_keys.by_created, &new_keys.by_created),
-                        (by_status, &old_keys.by_status, &new_keys.by_status),
-                        (
-                            by_definition,
-                            &old_keys.by_definition,
-                            &new_keys.by_definition,
-                        ),
-                        (
-                            by_status_definition,
-                            &old_keys.by_status_definition,
-                            &new_keys.by_status_definition,
-                        ),
-                    ];
-                    for (index, old_key, new_key) in moves {
-                        if old_key != new_key {
-                            index.remove(old_key.as_slice())?;
-                            index.insert(new_key.as_slice(), &[])?;
-                        }
-                    }
-                    let mut previous = (old.status, old.business_status.as_str());
-                    let mut written = 0u64;
-                    for (event, status, business) in &after {
-                        if (*status, *business) == previous {
-                            continue;
-                        }
-                        previous = (*status, business);
-                        let change = Change {
-                            cursor: cursor + written,
-                            saga_id: summary.saga_id.clone(),
-                            definition: summary.definition.clone(),
-                            version: summary.version,
-                            status: *status,
-                            business_status: (*business).to_owned(),
-                            seq: event.seq,
-                            at_ms: event.at_ms,
-                        };
-                        let json = match to_json(&change) {
-                            Ok(json) => json,
-                            Err(e) => return abort(e),
-                        };
-                        changes.insert(&change_key(change.cursor), json)?;
-                        written += 1;
-                    }
-                    Ok(written)
-                },
-            )
+        for (event, status, business) in after {
+            if previous
+                .as_ref()
+                .is_some_and(|(s, b)| (*s, b.as_str()) == (status, business))
+            {
+                continue;
+            }
+            previous = Some((status, business.to_owned()));
+            let change = Change {
+                cursor: *cursor,
+                saga_id: summary.saga_id.clone(),
+                definition: summary.definition.clone(),
+                version: summary.version,
+                status,
+                business_status: business.to_owned(),
+                seq: event.seq,
+                at_ms: event.at_ms,
+            };
+            let json = match to_json(&change) {
+                Ok(json) => json,
+                Err(e) => return Ok(Err(e)),
+            };
+            self.changes.insert(&change_key(change.cursor), json)?;
+            *cursor += 1;
+        }
+        Ok(Ok(()))
     }
+}
 
-    fn put_definition(
-        &self,
-        d: &StoredDefinition,
-    ) -> std::result::Result<PutDefinition, TransactionError<StoreError>> {
-        let key = definition_key(&d.name, d.version);
-        let t = &self.trees;
-        (&t.definitions, &t.definition_descriptors).transaction(|(definitions, descriptors)| {
-            if let Some(existing) = definitions.get(&key)? {
-                let existing = String::from_utf8_lossy(&existing).into_owned();
-                // The descriptors first stored stay: the version is pinned as it was.
-                return Ok(if existing == d.yaml {
-                    PutDefinition::Unchanged
-                } else {
-                    PutDefinition::Conflict { existing }
-                });
-            }
-            definitions.insert(key.as_slice(), d.yaml.as_bytes())?;
-            for (participant, bytes) in &d.descriptors {
-                let mut descriptor_key = key.clone();
-                descriptor_key.extend_from_slice(participant.as_bytes());
-                descriptors.insert(descriptor_key, bytes.as_slice())?;
-            }
-            Ok(PutDefinition::Created)
-        })
+/// The result of one write inside a batch's transaction: the outer error is sled's (it
+/// fails the batch), the inner one this write's own.
+type WriteResult<T> = std::result::Result<Result<T>, UnabortableTransactionError>;
+
+/// Writes a new saga, with its changes numbered from `*cursor`, unless its idempotency key
+/// already names one.
+fn create(tx: &TxTrees<'_>, new: &NewSaga, cursor: &mut u64) -> WriteResult<Created> {
+    let key = new.summary.idempotency_key.as_bytes();
+    if let Some(existing) = tx.idempotency.get(key)? {
+        return Ok(match tx.sagas.get(&existing)? {
+            Some(bytes) => from_json::<Summary>(&existing, &bytes).map(Created::Existing),
+            None => Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                cause: "idempotency key names a saga that does not exist".into(),
+            }),
+        });
     }
+    let id = new.summary.saga_id.as_str();
+    let encoded = match encode_events(id, &new.events, &new.summary) {
+        Ok(encoded) => encoded,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(first) = new.events.first()
+        && first.seq != 1
+    {
+        return Ok(Err(StoreError::Corrupt {
+            key: id.to_owned(),
+            cause: format!("a new saga starts at seq 1, not {}", first.seq),
+        }));
+    }
+    let summary_json = match to_json(&new.summary) {
+        Ok(json) => json,
+        Err(e) => return Ok(Err(e)),
+    };
+    let keys = IndexKeys::of(&new.summary);
+    tx.idempotency.insert(key, id.as_bytes())?;
+    tx.sagas.insert(id.as_bytes(), summary_json)?;
+    for (key, value) in encoded {
+        tx.events.insert(key, value)?;
+    }
+    tx.by_created.insert(keys.by_created, &[])?;
+    tx.by_status.insert(keys.by_status, &[])?;
+    tx.by_definition.insert(keys.by_definition, &[])?;
+    tx.by_status_definition
+        .insert(keys.by_status_definition, &[])?;
+    if let Err(e) = tx.write_changes(&new.summary, &new.events, &new.statuses, None, cursor)? {
+        return Ok(Err(e));
+    }
+    Ok(Ok(Created::New))
+}
+
+/// The events' keys and JSON; refuses a summary whose `last_seq` is not the last event's.
+fn encode_events(id: &str, events: &[Event], summary: &Summary) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    if let Some(last) = events.last()
+        && last.seq != summary.last_seq
+    {
+        return Err(StoreError::Corrupt {
+            key: id.to_owned(),
+            cause: format!(
+                "the summary says seq {} but the last event is seq {}",
+                summary.last_seq, last.seq
+            ),
+        });
+    }
+    events
+        .iter()
+        .map(|e| Ok((event_key(id, e.seq), to_json(e)?)))
+        .collect()
+}
+
+/// Appends events and replaces the summary; writes a change, numbered from `*cursor`, for
+/// every event after which the status or business status differs from the one before it.
+fn append(tx: &TxTrees<'_>, appended: &Appended, cursor: &mut u64) -> WriteResult<()> {
+    let new_events = appended.events.as_slice();
+    let summary = &appended.summary;
+    let id = summary.saga_id.as_str();
+    let Some(old) = tx.sagas.get(id.as_bytes())? else {
+        return Ok(Err(StoreError::Corrupt {
+            key: id.to_owned(),
+            cause: "append to a saga that does not exist".into(),
+        }));
+    };
+    let old: Summary = match from_json(id.as_bytes(), &old) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    let first = new_events.first().map_or(old.last_seq + 1, |e| e.seq);
+    if first != old.last_seq + 1 || summary.last_seq != old.last_seq + new_events.len() as u64 {
+        return Ok(Err(StoreError::Corrupt {
+            key: id.to_owned(),
+            cause: format!("append of seq {first} does not follow seq {}", old.last_seq),
+        }));
+    }
+    if old.status.is_terminal() {
+        return Ok(Err(StoreError::Corrupt {
+            key: id.to_owned(),
+            cause: format!("append to a saga that is already {}", old.status.as_str()),
+        }));
+    }
+    let encoded = match encode_events(id, new_events, summary) {
+        Ok(encoded) => encoded,
+        Err(e) => return Ok(Err(e)),
+    };
+    let summary_json = match to_json(summary) {
+        Ok(json) => json,
+        Err(e) => return Ok(Err(e)),
+    };
+    for (key, value) in encoded {
+        tx.events.insert(key, value)?;
+    }
+    tx.sagas.insert(id.as_bytes(), summary_json)?;
+    // Usually only the status moves; the indexes follow whatever the summary says, so they
+    // never disagree with it.
+    let old_keys = IndexKeys::of(&old);
+    let new_keys = IndexKeys::of(summary);
+    let moves = [
+        (tx.by_created, old_keys.by_created, new_keys.by_created),
+        (tx.by_status, old_keys.by_status, new_keys.by_status),
+        (
+            tx.by_definition,
+            old_keys.by_definition,
+            new_keys.by_definition,
+        ),
+        (
+            tx.by_status_definition,
+            old_keys.by_status_definition,
+            new_keys.by_status_definition,
+        ),
+    ];
+    for (index, old_key, new_key) in moves {
+        if old_key != new_key {
+            index.remove(old_key)?;
+            index.insert(new_key, &[])?;
+        }
+    }
+    let previous = Some((old.status, old.business_status));
+    tx.write_changes(summary, new_events, &appended.statuses, previous, cursor)
+}
+
+fn put_definition(tx: &TxTrees<'_>, d: &StoredDefinition) -> WriteResult<PutDefinition> {
+    let key = definition_key(&d.name, d.version);
+    if let Some(existing) = tx.definitions.get(&key)? {
+        let existing = String::from_utf8_lossy(&existing).into_owned();
+        // The descriptors first stored stay: the version is pinned as it was.
+        return Ok(Ok(if existing == d.yaml {
+            PutDefinition::Unchanged
+        } else {
+            PutDefinition::Conflict { existing }
+        }));
+    }
+    tx.definitions.insert(key.as_slice(), d.yaml.as_bytes())?;
+    for (participant, bytes) in &d.descriptors {
+        let mut descriptor_key = key.clone();
+        descriptor_key.extend_from_slice(participant.as_bytes());
+        tx.definition_descriptors
+            .insert(descriptor_key, bytes.as_slice())?;
+    }
+    Ok(Ok(PutDefinition::Created))
 }
 
 impl SagaStore for SledStore {

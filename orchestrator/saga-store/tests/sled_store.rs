@@ -45,10 +45,10 @@ fn started(id: &str) -> Event {
 
 async fn create(store: &SledStore, id: &str, key: &str) -> Created {
     store
-        .create(NewSaga {
-            summary: summary(id, key, SagaStatus::Running, 1),
-            first_event: started(id),
-        })
+        .create(NewSaga::started(
+            summary(id, key, SagaStatus::Running, 1),
+            started(id),
+        ))
         .await
         .expect("create")
 }
@@ -230,10 +230,10 @@ async fn concurrent_writes_share_flushes() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let id = format!("s-{i:04}");
             store
-                .create(NewSaga {
-                    summary: summary(&id, &id, SagaStatus::Running, 1),
-                    first_event: started(&id),
-                })
+                .create(NewSaga::started(
+                    summary(&id, &id, SagaStatus::Running, 1),
+                    started(&id),
+                ))
                 .await
         }));
     }
@@ -250,6 +250,98 @@ async fn concurrent_writes_share_flushes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes queued together share one transaction, but each is judged alone: a refused
+/// append or an existing key does not fail the writes around it. A create may carry
+/// several events, with a change for each move of (status, business status).
+#[tokio::test]
+async fn writes_of_one_batch_are_judged_each_alone() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path())?;
+    create(&store, "s-1", "k1").await;
+    let after_first = store.changes(0, 100)?.len() as u64;
+    // Queued without awaiting, so that the writer finds them together.
+    let mut two = summary("s-2", "k2", SagaStatus::Running, 2);
+    two.business_status = "paying".into();
+    let intent = Event {
+        seq: 2,
+        at_ms: 2,
+        kind: EventKind::StepStarted {
+            step: "pay".into(),
+            phase: saga_engine::Phase::Action,
+            attempt: 1,
+        },
+    };
+    let new = store.create(NewSaga {
+        summary: two,
+        events: vec![started("s-2"), intent],
+        statuses: vec![
+            (SagaStatus::Running, String::new()),
+            (SagaStatus::Running, "paying".into()),
+        ],
+    });
+    let gap = store.append(
+        vec![Event {
+            seq: 7,
+            at_ms: 7,
+            kind: EventKind::SagaCompleted,
+        }],
+        summary("s-1", "k1", SagaStatus::Completed, 7),
+    );
+    let missing = store.append(
+        vec![Event {
+            seq: 2,
+            at_ms: 2,
+            kind: EventKind::SagaCompleted,
+        }],
+        summary("s-9", "k9", SagaStatus::Completed, 2),
+    );
+    let again = store.create(NewSaga::started(
+        summary("s-3", "k1", SagaStatus::Running, 1),
+        started("s-3"),
+    ));
+    let done = store.append(
+        vec![Event {
+            seq: 2,
+            at_ms: 2,
+            kind: EventKind::SagaCompleted,
+        }],
+        summary("s-1", "k1", SagaStatus::Completed, 2),
+    );
+    assert_eq!(new.await?, Created::New);
+    assert!(matches!(gap.await, Err(StoreError::Corrupt { .. })));
+    assert!(matches!(missing.await, Err(StoreError::Corrupt { .. })));
+    assert!(matches!(again.await?, Created::Existing(s) if s.saga_id == "s-1"));
+    done.await?;
+    assert!(store.health().is_ok());
+    assert_eq!(
+        store.events("s-2")?.map(|e| e.len()),
+        Some(2),
+        "both events of the create are stored"
+    );
+    assert_eq!(
+        store.summary("s-3")?,
+        None,
+        "an existing key creates nothing"
+    );
+    assert_eq!(store.events("s-9")?, None);
+    let changes = store.changes(after_first, 100)?;
+    let seen: Vec<(String, u64, String)> = changes
+        .iter()
+        .map(|c| (c.saga_id.clone(), c.seq, c.business_status.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("s-2".to_owned(), 1, String::new()),
+            ("s-2".to_owned(), 2, "paying".to_owned()),
+            ("s-1".to_owned(), 2, String::new()),
+        ]
+    );
+    let cursors: Vec<u64> = changes.iter().map(|c| c.cursor).collect();
+    assert_eq!(cursors, [after_first + 1, after_first + 2, after_first + 3]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_failed_flush_stops_every_later_write() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -261,20 +353,20 @@ async fn a_failed_flush_stops_every_later_write() -> anyhow::Result<()> {
         .lock()
         .expect("lock") = Some("disk on fire".into());
     let err = store
-        .create(NewSaga {
-            summary: summary("s-2", "k2", SagaStatus::Running, 1),
-            first_event: started("s-2"),
-        })
+        .create(NewSaga::started(
+            summary("s-2", "k2", SagaStatus::Running, 1),
+            started("s-2"),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err, StoreError::Fault("flush failed: disk on fire".into()));
     assert!(store.health().is_err());
     // The store refuses writes from now on, even though the next flush would work.
     let again = store
-        .create(NewSaga {
-            summary: summary("s-3", "k3", SagaStatus::Running, 1),
-            first_event: started("s-3"),
-        })
+        .create(NewSaga::started(
+            summary("s-3", "k3", SagaStatus::Running, 1),
+            started("s-3"),
+        ))
         .await;
     assert!(matches!(again, Err(StoreError::Fault(_))));
     Ok(())

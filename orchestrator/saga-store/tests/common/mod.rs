@@ -26,9 +26,9 @@ pub fn summary(id: &str, definition: &str, created_at_ms: u64) -> Summary {
 
 /// The create of the saga `summary` describes.
 pub fn new_saga(summary: &Summary) -> NewSaga {
-    NewSaga {
-        summary: summary.clone(),
-        first_event: Event {
+    NewSaga::started(
+        summary.clone(),
+        Event {
             seq: 1,
             at_ms: summary.created_at_ms,
             kind: EventKind::SagaStarted {
@@ -40,7 +40,7 @@ pub fn new_saga(summary: &Summary) -> NewSaga {
                 trace: None,
             },
         },
-    }
+    )
 }
 
 /// One more event for the saga `summary` describes, and its summary after it.
