@@ -13,11 +13,20 @@
 //! restart neither resets nor loses them), a circuit breaker that lets calls through
 //! again, or a command (a cancellation, a signal).
 //!
-//! On start, [`Runtime::recover`] resumes every saga that is not terminal. A call whose
-//! intent was stored but whose result was not is made again with the same idempotency key.
+//! A saga that waits only for a signal, a cancellation or a timer at least
+//! [`PARK_AFTER`] away, with no call in flight, is **parked**: its driver ends, and all that
+//! stays in memory is an entry in the saga table (and one in the timer set, if it has a
+//! timer). A signal, a cancellation or its timer loads it again from its log and starts a
+//! new driver, whose run is a span of its own in the saga's trace ("(resumed)"), like a run
+//! after a restart. So thousands of sagas waiting for days cost a few hundred bytes each.
+//!
+//! On start, [`Runtime::recover`] resumes every saga that is not terminal (parking those
+//! that only wait). A call whose intent was stored but whose result was not is made again
+//! with the same idempotency key.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -28,7 +37,7 @@ use saga_engine::{
 };
 use saga_store::{Appended, Created, ListFilter, NewSaga, SagaStore, Summary};
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -90,12 +99,36 @@ struct Inner {
     store: Arc<dyn SagaStore>,
     registry: Arc<Registry>,
     invoker: Invoker,
-    /// Active drivers. A std Mutex: held only to insert, look up or remove.
-    drivers: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
+    /// Every saga of this process that is not terminal: driven or parked. A std Mutex: held
+    /// only to look up, insert or remove, never across an await.
+    sagas: Mutex<Sagas>,
+    /// Told when a parked saga's timer may be the earliest.
+    timers_changed: Arc<Notify>,
+    /// Whether the task that wakes parked sagas at their time runs.
+    waker_started: AtomicBool,
     events: broadcast::Sender<Published>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     metrics: Arc<Metrics>,
+}
+
+/// How far away a wait's timer must be for its saga to be parked rather than keep its
+/// driver: short waits (retry backoffs) keep it, long ones (awaits, deadlines) do not.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Where a saga that is not terminal stands in this process.
+enum Slot {
+    /// A driver task runs it; its commands go here.
+    Driving(mpsc::UnboundedSender<Command>),
+    /// No task: it waits for a signal, a cancellation, or its timer.
+    Parked { wake_at_ms: Option<u64> },
+}
+
+#[derive(Default)]
+struct Sagas {
+    slots: HashMap<String, Slot>,
+    /// (wake time, saga id) of every parked saga with a timer.
+    timers: BTreeSet<(u64, String)>,
 }
 
 /// A handle on the runtime; cheap to clone.
@@ -149,6 +182,9 @@ enum Stop {
     Engine(#[from] saga_engine::saga::EngineError),
     #[error("shutting down")]
     Shutdown,
+    /// Parked: nothing to do until a signal, a cancellation or a timer (not an error).
+    #[error("parked")]
+    Parked,
 }
 
 impl Runtime {
@@ -163,7 +199,9 @@ impl Runtime {
                 store,
                 registry,
                 invoker: Invoker::new(),
-                drivers: Mutex::new(HashMap::new()),
+                sagas: Mutex::new(Sagas::default()),
+                timers_changed: Arc::new(Notify::new()),
+                waker_started: AtomicBool::new(false),
                 events,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -327,13 +365,28 @@ impl Runtime {
         }
     }
 
+    fn sagas(&self) -> MutexGuard<'_, Sagas> {
+        self.inner.sagas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn spawn_driver(&self, plan: Arc<Plan>, saga: Saga, digest: String, span: tracing::Span) {
+        let mut sagas = self.sagas();
+        self.start_driver(&mut sagas, plan, saga, digest, span);
+    }
+
+    /// Starts the driver of `saga` and enters it in the saga table (`sagas`, locked).
+    fn start_driver(
+        &self,
+        sagas: &mut Sagas,
+        plan: Arc<Plan>,
+        saga: Saga,
+        digest: String,
+        span: tracing::Span,
+    ) -> mpsc::UnboundedSender<Command> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(saga.id.clone(), tx);
+        sagas
+            .slots
+            .insert(saga.id.clone(), Slot::Driving(tx.clone()));
         let driver = Driver {
             runtime: self.clone(),
             plan,
@@ -343,6 +396,132 @@ impl Runtime {
             span: span.clone(),
         };
         self.inner.tasks.spawn(driver.run(rx).instrument(span));
+        tx
+    }
+
+    /// Parks `saga_id` (no driver) until a signal, a cancellation or `wake_at_ms`. Called by
+    /// its driver, which ends, or by recovery instead of starting one. `queue`: the driver's
+    /// command queue; with a command in it the saga is not parked (returns false).
+    fn park(
+        &self,
+        saga_id: &str,
+        wake_at_ms: Option<u64>,
+        queue: Option<&mpsc::UnboundedReceiver<Command>>,
+    ) -> bool {
+        let mut sagas = self.sagas();
+        if queue.is_some_and(|q| !q.is_empty()) {
+            return false;
+        }
+        sagas
+            .slots
+            .insert(saga_id.to_owned(), Slot::Parked { wake_at_ms });
+        if let Some(at) = wake_at_ms {
+            sagas.timers.insert((at, saga_id.to_owned()));
+            if sagas.timers.first().is_some_and(|(first, _)| *first == at) {
+                self.inner.timers_changed.notify_one();
+            }
+            drop(sagas);
+            self.start_waker();
+        }
+        true
+    }
+
+    /// The command queue of `saga_id`'s driver, starting one from its log if the saga is
+    /// parked; `None` if the saga has neither (it is terminal, unknown, or was not
+    /// resumed at start).
+    fn driver_for(&self, saga_id: &str) -> Result<Option<mpsc::UnboundedSender<Command>>> {
+        match self.sagas().slots.get(saga_id) {
+            Some(Slot::Driving(tx)) => return Ok(Some(tx.clone())),
+            Some(Slot::Parked { .. }) => {}
+            None => return Ok(None),
+        }
+        // Read outside the lock: a parked saga's log does not change until it is resumed.
+        let summary = self
+            .inner
+            .store
+            .summary(saga_id)?
+            .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
+        let (plan, saga) = self.get(saga_id)?;
+        let mut sagas = self.sagas();
+        match sagas.slots.get(saga_id) {
+            // Resumed by someone else meanwhile.
+            Some(Slot::Driving(tx)) => return Ok(Some(tx.clone())),
+            Some(Slot::Parked { wake_at_ms }) => {
+                if let Some(at) = *wake_at_ms {
+                    sagas.timers.remove(&(at, saga_id.to_owned()));
+                }
+            }
+            None => return Ok(None),
+        }
+        let span = saga_span(&plan, &saga.id, true);
+        if let Some(trace) = &saga.trace {
+            join_trace(&span, trace);
+        }
+        tracing::debug!(parent: &span, saga.id = %saga.id, "resuming parked saga");
+        Ok(Some(self.start_driver(
+            &mut sagas,
+            plan,
+            saga,
+            summary.request_digest,
+            span,
+        )))
+    }
+
+    /// Starts (once) the task that resumes parked sagas when their timer falls due. It holds
+    /// the runtime only while it resumes them, so it keeps nothing alive.
+    fn start_waker(&self) {
+        if self.inner.waker_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let runtime: Weak<Inner> = Arc::downgrade(&self.inner);
+        let changed = self.inner.timers_changed.clone();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                let next = {
+                    let Some(inner) = runtime.upgrade() else {
+                        return;
+                    };
+                    Runtime { inner }.wake_due(now_ms())
+                };
+                let sleep = async {
+                    match next {
+                        Some(at) => {
+                            tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms())))
+                                .await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = sleep => {}
+                    () = changed.notified() => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Resumes every parked saga whose timer is due at `now`; returns the next timer.
+    fn wake_due(&self, now: u64) -> Option<u64> {
+        let due: Vec<String> = {
+            let mut sagas = self.sagas();
+            let mut due = Vec::new();
+            while let Some((at, _)) = sagas.timers.first()
+                && *at <= now
+            {
+                if let Some((_, id)) = sagas.timers.pop_first() {
+                    due.push(id);
+                }
+            }
+            due
+        };
+        for id in due {
+            if let Err(e) = self.driver_for(&id) {
+                tracing::error!(saga.id = %id, cause = %e, "cannot resume a parked saga at its timer; it resumes on restart");
+            }
+        }
+        self.sagas().timers.first().map(|(at, _)| *at)
     }
 
     /// Resumes every saga that is not terminal; returns how many.
@@ -370,13 +549,18 @@ impl Runtime {
                     continue;
                 }
             };
+            resumed += 1;
+            if let Some(wake_at_ms) = parks(&saga, &plan, now_ms()) {
+                tracing::debug!(saga.id = %saga.id, "saga parked: it waits for a signal or a timer");
+                self.park(&saga.id, wake_at_ms, None);
+                continue;
+            }
             let span = saga_span(&plan, &saga.id, true);
             if let Some(trace) = &saga.trace {
                 join_trace(&span, trace);
             }
             tracing::info!(parent: &span, saga.id = %saga.id, status = saga.status().as_str(), "resuming saga");
             self.spawn_driver(plan, saga, summary.request_digest, span);
-            resumed += 1;
         }
         Ok(resumed)
     }
@@ -421,25 +605,14 @@ impl Runtime {
         } else {
             reason.trim()
         };
-        let driver = self
-            .inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(saga_id)
-            .cloned();
-        if let Some(driver) = driver {
-            let (reply, answer) = oneshot::channel();
-            if driver
-                .send(Command::Cancel {
-                    reason: reason.to_owned(),
-                    reply,
-                })
-                .is_ok()
-                && let Ok(result) = answer.await
-            {
-                return result;
-            }
+        let asked = self
+            .command(saga_id, |reply| Command::Cancel {
+                reason: reason.to_owned(),
+                reply,
+            })
+            .await?;
+        if let Some(result) = asked {
+            return result;
         }
         // No driver (or it finished meanwhile): the durable state decides.
         let (plan, saga) = self.get(saga_id)?;
@@ -469,26 +642,15 @@ impl Runtime {
                 "payload is {size} bytes; the limit is {MAX_SIGNAL_PAYLOAD_BYTES}"
             )));
         }
-        let driver = self
-            .inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(saga_id)
-            .cloned();
-        if let Some(driver) = driver {
-            let (reply, answer) = oneshot::channel();
-            if driver
-                .send(Command::Signal {
-                    signal: signal.to_owned(),
-                    payload: payload.clone(),
-                    reply,
-                })
-                .is_ok()
-                && let Ok(result) = answer.await
-            {
-                return result;
-            }
+        let asked = self
+            .command(saga_id, |reply| Command::Signal {
+                signal: signal.to_owned(),
+                payload: payload.clone(),
+                reply,
+            })
+            .await?;
+        if let Some(result) = asked {
+            return result;
         }
         // No driver (the saga is terminal, or finished meanwhile): the durable state decides.
         let (plan, saga) = self.get(saga_id)?;
@@ -504,6 +666,29 @@ impl Runtime {
             ))),
             Err(refused) => Err(signal_refused(saga_id, refused)),
         }
+    }
+
+    /// Sends a command to the saga's driver (resuming a parked saga) and waits for its
+    /// answer; `None` if the saga has no driver to answer (terminal, or unknown here).
+    async fn command<T>(
+        &self,
+        saga_id: &str,
+        make: impl Fn(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<Option<Result<T>>> {
+        // A driver can end (finish or park) between the look-up and the command, dropping
+        // the command unanswered; then look again. Each round needs a driver to have ended.
+        for _ in 0..8 {
+            let Some(driver) = self.driver_for(saga_id)? else {
+                return Ok(None);
+            };
+            let (reply, answer) = oneshot::channel();
+            if driver.send(make(reply)).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return Ok(Some(result));
+            }
+        }
+        Ok(None)
     }
 
     /// Live events of every saga; see [`Published`].
@@ -529,11 +714,20 @@ impl Runtime {
 
     /// Number of sagas with a running driver.
     pub fn active(&self) -> usize {
-        self.inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.sagas()
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Driving(_)))
+            .count()
+    }
+
+    /// Number of parked sagas (waiting with no driver).
+    pub fn parked(&self) -> usize {
+        self.sagas()
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Parked { .. }))
+            .count()
     }
 
     /// Stops every driver at its next safe point (what is durable stays; in-flight calls are
@@ -642,15 +836,19 @@ impl Driver {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let result = self.drive(&mut rx).await;
         let id = self.saga.id.clone();
-        self.runtime
-            .inner
-            .drivers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        // Refuse what is still queued; the callers re-read the durable state.
+        if !matches!(result, Err(Stop::Parked)) {
+            let mut sagas = self.runtime.sagas();
+            if matches!(sagas.slots.get(&id), Some(Slot::Driving(_))) {
+                sagas.slots.remove(&id);
+            }
+        }
+        // Refuse what is still queued; the callers look again (and resume a parked saga)
+        // or re-read the durable state.
         rx.close();
         match result {
+            Err(Stop::Parked) => {
+                tracing::debug!(saga.id = %id, "saga parked: it waits for a signal or a timer")
+            }
             Ok(()) => {
                 tracing::info!(saga.id = %id, status = self.saga.status().as_str(), "saga finished")
             }
@@ -914,6 +1112,13 @@ impl Driver {
             if skipped {
                 continue;
             }
+            if running.is_empty()
+                && wait.breakers.is_empty()
+                && parkable(wait.wake_at_ms, now_ms())
+                && self.runtime.park(&self.saga.id, wait.wake_at_ms, Some(rx))
+            {
+                return Err(Stop::Parked);
+            }
             // Deferred steps wait for their breakers; without a breaker nothing can refuse
             // the call, so such a step goes at once.
             let breakers: Vec<BoxFuture<'static, usize>> = wait
@@ -973,6 +1178,26 @@ impl Driver {
                 () = shutdown.cancelled() => return Err(Stop::Shutdown),
             }
         }
+    }
+}
+
+/// Whether a wait with no call in flight and no breaker, ending at `wake_at_ms`, is long
+/// enough to park its saga.
+fn parkable(wake_at_ms: Option<u64>, now: u64) -> bool {
+    wake_at_ms.is_none_or(|at| at >= now.saturating_add(PARK_AFTER.as_millis() as u64))
+}
+
+/// `Some(wake time)` if `saga` (rebuilt from its log) would park right away: it only waits.
+fn parks(saga: &Saga, plan: &Plan, now: u64) -> Option<Option<u64>> {
+    match saga.next(plan, now) {
+        Next::Wait(wait)
+            if wait.calls.is_empty()
+                && wait.breakers.is_empty()
+                && parkable(wait.wake_at_ms, now) =>
+        {
+            Some(wait.wake_at_ms)
+        }
+        _ => None,
     }
 }
 

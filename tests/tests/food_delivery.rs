@@ -391,3 +391,90 @@ async fn a_changed_definition_is_a_new_version_and_running_sagas_keep_theirs() -
     }
     cluster.shutdown().await
 }
+
+/// Polls `check` until it holds, for up to 10 s.
+async fn eventually(what: &str, check: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_waiting_saga_is_parked_without_a_driver_and_resumed_by_its_signal_or_timer()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    let yaml = std::fs::read_to_string(tests::sagas_dir().join("food-delivery.yaml"))?
+        .replace("name: food-delivery", "name: food-delivery-quick")
+        .replace("      timeout: 5m", "      timeout: 2s");
+    cluster
+        .client
+        .put_definition(pb::PutDefinitionRequest { yaml })
+        .await?;
+
+    // Waiting for the store: parked, no driver left.
+    let id = start(&mut cluster, FLOW, "fd-park-1").await?;
+    awaiting(&mut cluster, &id, "store.accepted").await?;
+    let runtime = cluster.orchestrator().runtime().clone();
+    eventually("the saga is parked", || {
+        runtime.parked() == 1 && runtime.active() == 0
+    })
+    .await?;
+
+    // Eight identical signals at once: one resumes the saga and records it, the others
+    // are answered as duplicates of it.
+    let mut replies = Vec::new();
+    for _ in 0..8 {
+        let mut client = cluster.client.clone();
+        let id = id.clone();
+        replies.push(tokio::spawn(async move {
+            client
+                .signal_saga(pb::SignalSagaRequest {
+                    saga_id: id,
+                    signal: "store.accepted".into(),
+                    payload: Some(orchestrator::convert::json_to_struct(&json!({}))),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }));
+    }
+    let mut recorded = 0;
+    for reply in replies {
+        let reply = reply.await??;
+        if !reply.duplicate {
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, 1, "one signal is recorded, seven are duplicates");
+    // On to the next wait (cooking), parked again.
+    awaiting(&mut cluster, &id, "cooking.started").await?;
+    eventually("the saga is parked again", || {
+        runtime.parked() == 1 && runtime.active() == 0
+    })
+    .await?;
+
+    // A parked saga's timer resumes it at its time, with no restart: the store never
+    // answers, and the 2 s timeout compensates the order.
+    let quick = start(&mut cluster, "food-delivery-quick", "fd-park-2").await?;
+    let waiting = awaiting(&mut cluster, &quick, "store.accepted").await?;
+    eventually("both sagas are parked", || runtime.parked() == 2).await?;
+    let done = cluster.wait_terminal(&quick).await?;
+    assert_eq!(status(&done), "COMPENSATED", "{done:?}");
+    let step = &done.steps[2];
+    assert_eq!(
+        step.last_error.as_ref().map(|e| e.code.as_str()),
+        Some("DEADLINE_EXCEEDED")
+    );
+    let ms = |t: prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos / 1_000_000);
+    let waited = ms(step.finished_at.expect("timed out"))
+        - ms(waiting.steps[2].started_at.expect("started"));
+    assert!(
+        (2_000..3_500).contains(&waited),
+        "the 2 s timeout fired after {waited} ms"
+    );
+    // The first saga is still parked, untouched.
+    assert_eq!(runtime.parked(), 1);
+    cluster.shutdown().await
+}
