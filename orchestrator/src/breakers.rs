@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use circuit_breaker::{CircuitBreaker, Config, Mode, SlidingWindow, Snapshot};
+use circuit_breaker::{CallClock, CircuitBreaker, Config, Mode, SlidingWindow, Snapshot};
 use saga_engine::definition::{BreakerSpec, WindowSpec};
 
 use proto::saga::v1 as pb;
@@ -25,6 +25,8 @@ pub fn config(spec: &BreakerSpec) -> Config {
         wait_in_open_multiplier: spec.wait_multiplier,
         max_wait_in_open: spec.max_wait_in_open,
         permitted_calls_in_half_open: spec.half_open_calls,
+        // Participant calls take milliseconds; slow-call thresholds are far above a tick.
+        call_clock: CallClock::Coarse,
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::classify::Outcome;
-use crate::config::Config;
+use crate::config::{CallClock, Config};
 use crate::error::{InvalidConfig, Rejected};
 use crate::layer::CircuitBreakerLayer;
 use crate::window::{Totals, Window};
@@ -408,8 +408,16 @@ impl Shared {
         u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The start of a call, on the clock the config says.
+    fn call_started(&self) -> Started {
+        match self.effective.call_clock {
+            CallClock::Coarse => Started::Coarse(coarse_nanos()),
+            CallClock::Runtime => Started::Runtime(Instant::now()),
+        }
+    }
+
     /// Records the outcome of a call admitted in `generation`.
-    fn record(&self, generation: u64, probe: bool, outcome: Outcome, started: Instant) {
+    fn record(&self, generation: u64, probe: bool, outcome: Outcome, started: Started) {
         let failure = match outcome {
             Outcome::Success => false,
             Outcome::Failure => true,
@@ -420,14 +428,17 @@ impl Shared {
                 return;
             }
         };
-        let now = Instant::now();
-        let slow = now.saturating_duration_since(started) >= self.effective.slow_call_duration;
+        let slow = started.elapsed() >= self.effective.slow_call_duration;
         let mut machine = self.lock();
         if machine.generation != generation {
             return;
         }
-        machine.window.record(now, failure, slow);
-        let totals = machine.window.totals(now);
+        // Only a time window needs the time to record; the others read the clock only for
+        // a transition.
+        let timed = machine.window.is_timed().then(Instant::now);
+        let at = timed.unwrap_or(self.origin);
+        machine.window.record(at, failure, slow);
+        let totals = machine.window.totals(at);
         if totals.calls < machine.minimum {
             return;
         }
@@ -440,7 +451,7 @@ impl Shared {
             State::HalfOpen => State::Closed,
             _ => return,
         };
-        let transition = machine.transition(self, to, now);
+        let transition = machine.transition(self, to, timed.unwrap_or_else(Instant::now));
         drop(machine);
         self.announce(Some(transition));
     }
@@ -547,7 +558,41 @@ impl Machine {
 #[must_use = "record the call's outcome on the permit; dropping it counts the call as cancelled"]
 pub struct Permit {
     counted: Option<Counted>,
-    started: Instant,
+    started: Started,
+}
+
+/// When a call started, on the breaker's [`CallClock`].
+#[derive(Debug, Clone, Copy)]
+enum Started {
+    Coarse(u64),
+    Runtime(Instant),
+}
+
+impl Started {
+    fn elapsed(self) -> Duration {
+        match self {
+            Started::Coarse(nanos) => Duration::from_nanos(coarse_nanos().saturating_sub(nanos)),
+            Started::Runtime(at) => at.elapsed(),
+        }
+    }
+}
+
+/// Nanoseconds on the kernel's coarse monotonic clock.
+#[cfg(target_os = "linux")]
+fn coarse_nanos() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    u64::try_from(now.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(now.tv_nsec).unwrap_or(0))
+}
+
+/// Nanoseconds on the precise monotonic clock, where there is no coarse one.
+#[cfg(not(target_os = "linux"))]
+fn coarse_nanos() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 struct Counted {
@@ -559,25 +604,31 @@ struct Counted {
 impl Permit {
     fn counted(shared: &Arc<Shared>, generation: u64, probe: bool) -> Self {
         Permit {
+            started: shared.call_started(),
             counted: Some(Counted {
                 shared: Arc::clone(shared),
                 generation,
                 probe,
             }),
-            started: Instant::now(),
         }
     }
 
     fn disabled() -> Self {
         Permit {
             counted: None,
-            started: Instant::now(),
+            started: Started::Runtime(Instant::now()),
         }
     }
 
     /// Time since the permit was granted.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// When the call started, on the breaker's clock (for tests of the clock choice).
+    #[cfg(test)]
+    fn started_coarse(&self) -> bool {
+        matches!(self.started, Started::Coarse(_))
     }
 
     /// Records the call's outcome; its duration (for the slow-call rule) is the time since
@@ -731,5 +782,51 @@ mod tests {
         );
         let permit = b.try_acquire().unwrap();
         assert!(format!("{permit:?}").contains("probe: false"));
+    }
+
+    #[tokio::test]
+    async fn calls_are_timed_on_the_coarse_clock_unless_the_threshold_is_short() {
+        let coarse = CircuitBreaker::new("coarse", Config::default());
+        let permit = coarse.try_acquire().expect("closed");
+        assert!(permit.started_coarse(), "60 s threshold: coarse clock");
+        permit.record(Outcome::Success);
+        let short = CircuitBreaker::new(
+            "short",
+            Config {
+                slow_call_duration: crate::COARSE_CLOCK_FROM - Duration::from_millis(1),
+                ..Config::default()
+            },
+        );
+        let permit = short.try_acquire().expect("closed");
+        assert!(
+            !permit.started_coarse(),
+            "a 99 ms threshold needs the precise clock"
+        );
+        permit.record(Outcome::Success);
+        let runtime = CircuitBreaker::new(
+            "runtime",
+            Config {
+                call_clock: CallClock::Runtime,
+                ..Config::default()
+            },
+        );
+        let permit = runtime.try_acquire().expect("closed");
+        assert!(!permit.started_coarse(), "asked for tokio's clock");
+        permit.record(Outcome::Success);
+        assert_eq!(coarse.snapshot().calls, 1);
+    }
+
+    #[test]
+    fn the_coarse_clock_moves_forward() {
+        let start = coarse_nanos();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while coarse_nanos() == start {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the coarse clock is stuck"
+            );
+            std::hint::spin_loop();
+        }
+        assert!(coarse_nanos() > start);
     }
 }

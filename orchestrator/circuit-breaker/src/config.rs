@@ -13,6 +13,24 @@ pub enum SlidingWindow {
     Time(Duration),
 }
 
+/// How the duration of each call is measured, for the slow-call rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CallClock {
+    /// The kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE` on Linux): a few
+    /// nanoseconds per read against about 20 for the precise clock (two reads per call),
+    /// exact to the scheduler tick (1 to 4 ms). Used only when
+    /// [`slow_call_duration`](Config::slow_call_duration) is at least
+    /// [`COARSE_CLOCK_FROM`], where a tick is under 4 % of it; shorter thresholds are timed
+    /// with [`CallClock::Runtime`]. Elsewhere than Linux it is the precise clock.
+    #[default]
+    Coarse,
+    /// tokio's clock: exact, and it follows paused time (`tokio::time::pause`) in tests.
+    Runtime,
+}
+
+/// The shortest slow-call duration timed with [`CallClock::Coarse`].
+pub const COARSE_CLOCK_FROM: Duration = Duration::from_millis(100);
+
 /// How a breaker decides. Check it with [`Config::validate`] before use:
 /// [`CircuitBreaker::new`](crate::CircuitBreaker::new) does not refuse a bad config but
 /// clamps each bad value to the nearest valid one.
@@ -40,6 +58,8 @@ pub struct Config {
     pub max_wait_in_open: Duration,
     /// Probes admitted in half-open; their outcomes decide between closed and open.
     pub permitted_calls_in_half_open: u32,
+    /// How call durations are measured.
+    pub call_clock: CallClock,
 }
 
 impl Default for Config {
@@ -55,6 +75,7 @@ impl Default for Config {
             wait_in_open_multiplier: 1.0,
             max_wait_in_open: Duration::from_secs(60),
             permitted_calls_in_half_open: 10,
+            call_clock: CallClock::Coarse,
         }
     }
 }
@@ -189,6 +210,11 @@ impl Config {
             },
             max_wait_in_open: self.max_wait_in_open.max(wait_in_open),
             permitted_calls_in_half_open: self.permitted_calls_in_half_open.max(1),
+            call_clock: if self.slow_call_duration < COARSE_CLOCK_FROM {
+                CallClock::Runtime
+            } else {
+                self.call_clock
+            },
         }
     }
 
@@ -228,6 +254,7 @@ mod tests {
             wait_in_open_multiplier: 0.5,
             max_wait_in_open: Duration::from_secs(1),
             permitted_calls_in_half_open: 0,
+            call_clock: CallClock::Coarse,
         };
         let errors = config.validate().unwrap_err();
         assert_eq!(errors.len(), 8, "{errors:#?}");
@@ -318,6 +345,7 @@ mod tests {
             wait_in_open_multiplier: f64::INFINITY,
             max_wait_in_open: Duration::ZERO,
             permitted_calls_in_half_open: 0,
+            call_clock: CallClock::Coarse,
         };
         assert_eq!(bad.normalized().validate(), Ok(()));
         let good = Config::default();

@@ -48,7 +48,7 @@ mod window;
 pub use body::ClassifiedBody;
 pub use breaker::{CircuitBreaker, Mode, Permit, Snapshot, State};
 pub use classify::{Classify, GrpcClassifier, Outcome};
-pub use config::{Config, SlidingWindow};
+pub use config::{COARSE_CLOCK_FROM, CallClock, Config, SlidingWindow};
 pub use error::{BoxError, InvalidConfig, REJECTED_MARKER, Rejected, is_rejection};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;

@@ -78,6 +78,11 @@ impl Window {
         }
     }
 
+    /// Whether recording needs the time (a time window); the others ignore it.
+    pub(crate) fn is_timed(&self) -> bool {
+        matches!(self, Window::Time(_))
+    }
+
     /// The totals as of `now` (a time window first drops what aged out).
     pub(crate) fn totals(&mut self, now: Instant) -> Totals {
         match self {

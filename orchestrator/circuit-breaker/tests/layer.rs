@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use circuit_breaker::{
-    BoxError, CircuitBreaker, CircuitBreakerService, ClassifiedBody, Classify, Config,
+    BoxError, CallClock, CircuitBreaker, CircuitBreakerService, ClassifiedBody, Classify, Config,
     GrpcClassifier, Mode, Outcome, SlidingWindow, State, is_rejection,
 };
 use futures::FutureExt;
@@ -89,6 +89,8 @@ fn config() -> Config {
         wait_in_open_multiplier: 1.0,
         max_wait_in_open: WAIT,
         permitted_calls_in_half_open: 2,
+        // Paused time moves tokio's clock, not the kernel's.
+        call_clock: CallClock::Runtime,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use circuit_breaker::{CircuitBreaker, Config, Mode, Outcome, SlidingWindow, State};
+use circuit_breaker::{CallClock, CircuitBreaker, Config, Mode, Outcome, SlidingWindow, State};
 use futures::FutureExt;
 use tokio::time::{advance, timeout};
 
@@ -22,6 +22,8 @@ fn config() -> Config {
         wait_in_open_multiplier: 1.0,
         max_wait_in_open: WAIT,
         permitted_calls_in_half_open: 2,
+        // Paused time moves tokio's clock, not the kernel's.
+        call_clock: CallClock::Runtime,
     }
 }
 
