@@ -2,7 +2,6 @@
 //! (or its end, or an error) arrive.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http_body::{Body, Frame, SizeHint};
@@ -20,7 +19,7 @@ pin_project! {
     pub struct ClassifiedBody<B, C> {
         #[pin]
         inner: B,
-        pending: Option<(Permit, Arc<C>)>,
+        pending: Option<(Permit, C)>,
     }
 }
 
@@ -32,7 +31,7 @@ impl<B, C> ClassifiedBody<B, C> {
         }
     }
 
-    pub(crate) fn pending(inner: B, permit: Permit, classifier: Arc<C>) -> Self {
+    pub(crate) fn pending(inner: B, permit: Permit, classifier: C) -> Self {
         Self {
             inner,
             pending: Some((permit, classifier)),
@@ -89,7 +88,7 @@ where
     }
 }
 
-fn finish<C>(pending: &mut Option<(Permit, Arc<C>)>, outcome: impl FnOnce(&C) -> Outcome) {
+fn finish<C>(pending: &mut Option<(Permit, C)>, outcome: impl FnOnce(&C) -> Outcome) {
     if let Some((permit, classifier)) = pending.take() {
         permit.record(outcome(&classifier));
     }

@@ -17,7 +17,9 @@ pub enum Outcome {
     Ignored,
 }
 
-/// A policy that turns a call's result into an [`Outcome`].
+/// A policy that turns a call's result into an [`Outcome`]. It is cloned for every admitted
+/// call (the call's future and body carry it), so keep it cheap to clone: a few plain fields,
+/// or an `Arc` around anything bigger.
 ///
 /// The layer calls exactly one method per admitted call:
 /// - [`classify_status`](Self::classify_status) with the `grpc-status` of the response (from
@@ -38,29 +40,54 @@ pub trait Classify: Clone {
 /// failures; codes that are an answer about the request itself (`FAILED_PRECONDITION`,
 /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`, ...) are successes, since the participant
 /// worked. Service errors (transport) are failures, and so is a response without a status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The failure codes are a bit set: the classifier is `Copy`, and cloning it per call costs
+/// nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcClassifier {
-    pub failure_codes: Vec<tonic::Code>,
+    /// Bit `n` set: code `n` is a failure.
+    failures: u32,
+}
+
+impl GrpcClassifier {
+    /// A classifier for which exactly `codes` are failures (plus transport errors and
+    /// responses without a status).
+    pub fn failing_on(codes: impl IntoIterator<Item = tonic::Code>) -> Self {
+        let failures = codes
+            .into_iter()
+            .fold(0, |set, code| set | 1u32 << (code as i32 as u32 & 31));
+        Self { failures }
+    }
+
+    /// The codes this classifier counts as failures, in code order.
+    pub fn failure_codes(&self) -> Vec<tonic::Code> {
+        (0..32)
+            .filter(|bit| self.failures & (1 << bit) != 0)
+            .map(|bit| tonic::Code::from_i32(bit as i32))
+            .collect()
+    }
+
+    fn is_failure(&self, code: tonic::Code) -> bool {
+        self.failures & (1u32 << (code as i32 as u32 & 31)) != 0
+    }
 }
 
 impl Default for GrpcClassifier {
     /// Failures: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL`.
     fn default() -> Self {
-        Self {
-            failure_codes: vec![
-                tonic::Code::Unavailable,
-                tonic::Code::DeadlineExceeded,
-                tonic::Code::ResourceExhausted,
-                tonic::Code::Internal,
-            ],
-        }
+        Self::failing_on([
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::Internal,
+        ])
     }
 }
 
 impl Classify for GrpcClassifier {
     fn classify_status(&self, code: Option<tonic::Code>) -> Outcome {
         match code {
-            Some(code) if self.failure_codes.contains(&code) => Outcome::Failure,
+            Some(code) if self.is_failure(code) => Outcome::Failure,
             Some(_) => Outcome::Success,
             None => Outcome::Failure,
         }
@@ -109,6 +136,25 @@ mod tests {
         assert_eq!(c.classify_status(None), Outcome::Failure);
         let io = std::io::Error::other("connection refused");
         assert_eq!(c.classify_error(&io), Outcome::Failure);
+        assert_eq!(
+            c.failure_codes(),
+            [
+                Code::DeadlineExceeded,
+                Code::ResourceExhausted,
+                Code::Internal,
+                Code::Unavailable
+            ]
+        );
+        let custom = GrpcClassifier::failing_on([Code::Aborted]);
+        assert_eq!(
+            custom.classify_status(Some(Code::Aborted)),
+            Outcome::Failure
+        );
+        assert_eq!(
+            custom.classify_status(Some(Code::Unavailable)),
+            Outcome::Success
+        );
+        assert_eq!(custom.failure_codes(), [Code::Aborted]);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{Response, StatusCode};
@@ -33,13 +32,13 @@ pin_project! {
             #[pin]
             future: F,
             // `Some` until the response head (or an error) arrives.
-            call: Option<(Permit, Arc<C>)>,
+            call: Option<(Permit, C)>,
         },
     }
 }
 
 impl<F, C> ResponseFuture<F, C> {
-    pub(crate) fn called(future: F, permit: Permit, classifier: Arc<C>) -> Self {
+    pub(crate) fn called(future: F, permit: Permit, classifier: C) -> Self {
         Self {
             kind: Kind::Called {
                 future,

@@ -1,7 +1,5 @@
 //! [`CircuitBreakerLayer`]: wraps services in a [`CircuitBreakerService`] sharing one breaker.
 
-use std::sync::Arc;
-
 use tower::Layer;
 
 use crate::breaker::CircuitBreaker;
@@ -13,14 +11,14 @@ use crate::service::CircuitBreakerService;
 #[derive(Debug)]
 pub struct CircuitBreakerLayer<C> {
     breaker: CircuitBreaker,
-    classifier: Arc<C>,
+    classifier: C,
 }
 
-impl<C> Clone for CircuitBreakerLayer<C> {
+impl<C: Clone> Clone for CircuitBreakerLayer<C> {
     fn clone(&self) -> Self {
         Self {
             breaker: self.breaker.clone(),
-            classifier: Arc::clone(&self.classifier),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -29,7 +27,7 @@ impl<C> CircuitBreakerLayer<C> {
     pub fn new(breaker: CircuitBreaker, classifier: C) -> Self {
         Self {
             breaker,
-            classifier: Arc::new(classifier),
+            classifier,
         }
     }
 
@@ -42,10 +40,6 @@ impl<S, C: Classify> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreakerService<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreakerService::with_shared_classifier(
-            inner,
-            self.breaker.clone(),
-            Arc::clone(&self.classifier),
-        )
+        CircuitBreakerService::new(inner, self.breaker.clone(), self.classifier.clone())
     }
 }

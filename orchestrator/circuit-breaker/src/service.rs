@@ -1,7 +1,6 @@
 //! [`CircuitBreakerService`]: admits or rejects each call, and hands the outcome to the
 //! breaker once the response (headers, then possibly trailers) tells it.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -18,35 +17,28 @@ use crate::future::ResponseFuture;
 /// `poll_ready` only asks the inner service; the breaker decides in `call`, failing fast with
 /// a boxed [`tonic::Status`] (see [`Rejected::to_status`](crate::Rejected::to_status)) rather
 /// than withholding readiness, so buffers and balancers do not take the service for dead.
-/// Clones share the breaker (and the classifier) and hold no per-call state.
+/// Clones share the breaker and hold no per-call state; each call carries a clone of the
+/// classifier.
 #[derive(Debug)]
 pub struct CircuitBreakerService<S, C> {
     inner: S,
     breaker: CircuitBreaker,
-    /// Shared with each call's future and body: a call clones an `Arc`, not the policy.
-    classifier: Arc<C>,
+    /// Cloned into each call's future and body.
+    classifier: C,
 }
 
-impl<S: Clone, C> Clone for CircuitBreakerService<S, C> {
+impl<S: Clone, C: Clone> Clone for CircuitBreakerService<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             breaker: self.breaker.clone(),
-            classifier: Arc::clone(&self.classifier),
+            classifier: self.classifier.clone(),
         }
     }
 }
 
 impl<S, C> CircuitBreakerService<S, C> {
     pub fn new(inner: S, breaker: CircuitBreaker, classifier: C) -> Self {
-        Self::with_shared_classifier(inner, breaker, Arc::new(classifier))
-    }
-
-    pub(crate) fn with_shared_classifier(
-        inner: S,
-        breaker: CircuitBreaker,
-        classifier: Arc<C>,
-    ) -> Self {
         Self {
             inner,
             breaker,
@@ -88,11 +80,9 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match self.breaker.try_acquire() {
-            Ok(permit) => ResponseFuture::called(
-                self.inner.call(request),
-                permit,
-                Arc::clone(&self.classifier),
-            ),
+            Ok(permit) => {
+                ResponseFuture::called(self.inner.call(request), permit, self.classifier.clone())
+            }
             Err(rejected) => ResponseFuture::rejected(rejected),
         }
     }
