@@ -63,7 +63,7 @@ impl GrpcClassifier {
     pub fn failure_codes(&self) -> Vec<tonic::Code> {
         (0..32)
             .filter(|bit| self.failures & (1 << bit) != 0)
-            .map(|bit| tonic::Code::from_i32(bit as i32))
+            .map(tonic::Code::from_i32)
             .collect()
     }
 
