@@ -171,17 +171,26 @@ async fn a_store_rejection_cancels_the_order_and_voids_the_payment() -> anyhow::
     cluster.shutdown().await
 }
 
-#[tokio::test]
-async fn a_store_that_never_answers_times_out_at_its_time_across_a_restart() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start().await?;
-    // The same flow with a 2-second store timeout.
+/// Stores `food-delivery-quick`: the same flow with a 2-second store timeout.
+async fn put_quick_flow(cluster: &mut Cluster) -> anyhow::Result<()> {
     let yaml = std::fs::read_to_string(tests::sagas_dir().join("food-delivery.yaml"))?
         .replace("name: food-delivery", "name: food-delivery-quick")
         .replace("      timeout: 5m", "      timeout: 2s");
+    anyhow::ensure!(
+        yaml.contains("timeout: 2s"),
+        "the store timeout was not found"
+    );
     cluster
         .client
         .put_definition(pb::PutDefinitionRequest { yaml })
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_store_that_never_answers_times_out_at_its_time_across_a_restart() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    put_quick_flow(&mut cluster).await?;
     let id = start(&mut cluster, "food-delivery-quick", "fd-3").await?;
     let waiting = awaiting(&mut cluster, &id, "store.accepted").await?;
     let wait_started = waiting.steps[2].started_at.expect("started");
@@ -406,13 +415,7 @@ async fn eventually(what: &str, check: impl Fn() -> bool) -> anyhow::Result<()> 
 async fn a_waiting_saga_is_parked_without_a_driver_and_resumed_by_its_signal_or_timer()
 -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;
-    let yaml = std::fs::read_to_string(tests::sagas_dir().join("food-delivery.yaml"))?
-        .replace("name: food-delivery", "name: food-delivery-quick")
-        .replace("      timeout: 5m", "      timeout: 2s");
-    cluster
-        .client
-        .put_definition(pb::PutDefinitionRequest { yaml })
-        .await?;
+    put_quick_flow(&mut cluster).await?;
 
     // Waiting for the store: parked, no driver left.
     let id = start(&mut cluster, FLOW, "fd-park-1").await?;
