@@ -120,8 +120,10 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 enum Slot {
     /// A driver task runs it; its commands go here.
     Driving(mpsc::UnboundedSender<Command>),
-    /// No task: it waits for a signal, a cancellation, or its timer.
-    Parked { wake_at_ms: Option<u64> },
+    /// No task: it waits for a signal, a cancellation, or its timer. `epoch` numbers the
+    /// parking: a resume that read the log under one epoch must not start a driver under
+    /// another (the saga was resumed, moved on and parked again meanwhile).
+    Parked { wake_at_ms: Option<u64>, epoch: u64 },
 }
 
 #[derive(Default)]
@@ -129,7 +131,12 @@ struct Sagas {
     slots: HashMap<String, Slot>,
     /// (wake time, saga id) of every parked saga with a timer.
     timers: BTreeSet<(u64, String)>,
+    /// The epoch of the next parking.
+    next_epoch: u64,
 }
+
+/// How long a parked saga whose resume failed at its timer waits before the next try.
+const RESUME_RETRY: Duration = Duration::from_secs(5);
 
 /// A handle on the runtime; cheap to clone.
 #[derive(Clone)]
@@ -371,10 +378,12 @@ impl Runtime {
 
     fn spawn_driver(&self, plan: Arc<Plan>, saga: Saga, digest: String, span: tracing::Span) {
         let mut sagas = self.sagas();
-        self.start_driver(&mut sagas, plan, saga, digest, span);
+        self.start_driver(&mut sagas, plan, saga, digest, span, None);
     }
 
     /// Starts the driver of `saga` and enters it in the saga table (`sagas`, locked).
+    /// `first`: a command queued before the driver starts, so that it sees it on its first
+    /// turn (and does not park before it).
     fn start_driver(
         &self,
         sagas: &mut Sagas,
@@ -382,8 +391,13 @@ impl Runtime {
         saga: Saga,
         digest: String,
         span: tracing::Span,
+        first: Option<Command>,
     ) -> mpsc::UnboundedSender<Command> {
         let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(command) = first {
+            // The receiver is in hand: this send cannot fail.
+            let _ = tx.send(command);
+        }
         sagas
             .slots
             .insert(saga.id.clone(), Slot::Driving(tx.clone()));
@@ -412,9 +426,11 @@ impl Runtime {
         if queue.is_some_and(|q| !q.is_empty()) {
             return false;
         }
+        let epoch = sagas.next_epoch;
+        sagas.next_epoch += 1;
         sagas
             .slots
-            .insert(saga_id.to_owned(), Slot::Parked { wake_at_ms });
+            .insert(saga_id.to_owned(), Slot::Parked { wake_at_ms, epoch });
         if let Some(at) = wake_at_ms {
             sagas.timers.insert((at, saga_id.to_owned()));
             if sagas.timers.first().is_some_and(|(first, _)| *first == at) {
@@ -426,44 +442,68 @@ impl Runtime {
         true
     }
 
-    /// The command queue of `saga_id`'s driver, starting one from its log if the saga is
-    /// parked; `None` if the saga has neither (it is terminal, unknown, or was not
-    /// resumed at start).
-    fn driver_for(&self, saga_id: &str) -> Result<Option<mpsc::UnboundedSender<Command>>> {
-        match self.sagas().slots.get(saga_id) {
-            Some(Slot::Driving(tx)) => return Ok(Some(tx.clone())),
-            Some(Slot::Parked { .. }) => {}
-            None => return Ok(None),
-        }
-        // Read outside the lock: a parked saga's log does not change until it is resumed.
-        let summary = self
-            .inner
-            .store
-            .summary(saga_id)?
-            .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
-        let (plan, saga) = self.get(saga_id)?;
-        let mut sagas = self.sagas();
-        match sagas.slots.get(saga_id) {
-            // Resumed by someone else meanwhile.
-            Some(Slot::Driving(tx)) => return Ok(Some(tx.clone())),
-            Some(Slot::Parked { wake_at_ms }) => {
-                if let Some(at) = *wake_at_ms {
-                    sagas.timers.remove(&(at, saga_id.to_owned()));
+    /// Hands `command` to `saga_id`'s driver, first starting one from its log if the saga is
+    /// parked (the command is queued before the new driver runs, so it cannot park again
+    /// before seeing it). `None` (a timer's resume) just starts the driver. Returns the
+    /// command back if the saga has no driver here (it is terminal, unknown, or was not
+    /// resumed at start); then the durable state decides.
+    fn deliver(&self, saga_id: &str, command: Option<Command>) -> Result<Option<Command>> {
+        let mut command = command;
+        // Each round follows a driver that ended (finished or parked) or a parking that
+        // changed while the log was read.
+        for _ in 0..16 {
+            let seen = match self.sagas().slots.get(saga_id) {
+                Some(Slot::Driving(tx)) => match command {
+                    None => return Ok(None),
+                    Some(c) => match tx.send(c) {
+                        Ok(()) => return Ok(None),
+                        // Its driver ended: look again.
+                        Err(mpsc::error::SendError(c)) => {
+                            command = Some(c);
+                            continue;
+                        }
+                    },
+                },
+                Some(Slot::Parked { epoch, .. }) => *epoch,
+                None => return Ok(command),
+            };
+            // Read outside the lock; the epoch check below catches a log that moved on.
+            let summary = self
+                .inner
+                .store
+                .summary(saga_id)?
+                .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
+            let (plan, saga) = self.get(saga_id)?;
+            // Test hook: a resume that read the log, stalled before it could start a driver.
+            fail::fail_point!("runtime::resume_after_load");
+            let mut sagas = self.sagas();
+            match sagas.slots.get(saga_id) {
+                Some(Slot::Parked { wake_at_ms, epoch }) if *epoch == seen => {
+                    if let Some(at) = *wake_at_ms {
+                        sagas.timers.remove(&(at, saga_id.to_owned()));
+                    }
                 }
+                // Resumed by someone else meanwhile (and perhaps parked again): look again.
+                Some(_) => continue,
+                None => return Ok(command),
             }
-            None => return Ok(None),
+            let span = saga_span(&plan, &saga.id, true);
+            if let Some(trace) = &saga.trace {
+                join_trace(&span, trace);
+            }
+            tracing::debug!(parent: &span, saga.id = %saga.id, "resuming parked saga");
+            self.start_driver(
+                &mut sagas,
+                plan,
+                saga,
+                summary.request_digest,
+                span,
+                command,
+            );
+            return Ok(None);
         }
-        let span = saga_span(&plan, &saga.id, true);
-        if let Some(trace) = &saga.trace {
-            join_trace(&span, trace);
-        }
-        tracing::debug!(parent: &span, saga.id = %saga.id, "resuming parked saga");
-        Ok(Some(self.start_driver(
-            &mut sagas,
-            plan,
-            saga,
-            summary.request_digest,
-            span,
+        Err(Error::Internal(format!(
+            "saga {saga_id} kept changing hands; try again"
         )))
     }
 
@@ -517,8 +557,14 @@ impl Runtime {
             due
         };
         for id in due {
-            if let Err(e) = self.driver_for(&id) {
-                tracing::error!(saga.id = %id, cause = %e, "cannot resume a parked saga at its timer; it resumes on restart");
+            if let Err(e) = self.deliver(&id, None) {
+                let retry_at = now_ms().saturating_add(RESUME_RETRY.as_millis() as u64);
+                tracing::error!(saga.id = %id, cause = %e, retry_in = ?RESUME_RETRY, "cannot resume a parked saga at its timer");
+                let mut sagas = self.sagas();
+                if let Some(Slot::Parked { wake_at_ms, .. }) = sagas.slots.get_mut(&id) {
+                    *wake_at_ms = Some(retry_at);
+                    sagas.timers.insert((retry_at, id));
+                }
             }
         }
         self.sagas().timers.first().map(|(at, _)| *at)
@@ -675,18 +721,22 @@ impl Runtime {
         saga_id: &str,
         make: impl Fn(oneshot::Sender<Result<T>>) -> Command,
     ) -> Result<Option<Result<T>>> {
-        // A driver can end (finish or park) between the look-up and the command, dropping
-        // the command unanswered; then look again. Each round needs a driver to have ended.
+        // A driver can end (finish or park) after the command reached its queue, dropping it
+        // unanswered; then deliver it again. Each round needs a driver to have ended.
         for _ in 0..8 {
-            let Some(driver) = self.driver_for(saga_id)? else {
-                return Ok(None);
-            };
+            if self.inner.shutdown.is_cancelled() {
+                return Err(Error::ShuttingDown);
+            }
             let (reply, answer) = oneshot::channel();
-            if driver.send(make(reply)).is_ok()
-                && let Ok(result) = answer.await
-            {
+            if self.deliver(saga_id, Some(make(reply)))?.is_some() {
+                return Ok(None);
+            }
+            if let Ok(result) = answer.await {
                 return Ok(Some(result));
             }
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
         }
         Ok(None)
     }

@@ -394,7 +394,7 @@ impl Drop for CallLog {
                 code,
                 message,
             } => {
-                info!(participant = %kind, method, idempotency_key = %key, replayed, outcome = ?code, message = %message, "call");
+                info!(participant = %kind, method, idempotency_key = %key, replayed, outcome = ?code, reason = %message, "call");
             }
             Line::Failed(error) => {
                 error!(participant = %kind, method, idempotency_key = %key, error = %error, "call failed");
@@ -551,6 +551,9 @@ impl Writer {
             }
             if let Err(e) = self.db.apply_batch(batch) {
                 error!(participant = %self.kind, calls, error = %e, "cannot apply the writes of a group of calls");
+                // Part of the batch may be in the tree: nothing is answered from it before a
+                // flush covers it.
+                self.unflushed = true;
                 return Some(GroupFailure::Apply(e.to_string()));
             }
             self.unflushed = true;

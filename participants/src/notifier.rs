@@ -345,7 +345,7 @@ fn notification(change: &SagaChange) -> Notification {
     }
 }
 
-/// The status name without its prefix, e.g. "WAITING"; "UNKNOWN_<n>" for a value this
+/// The status name without its prefix, e.g. "WAITING"; `UNKNOWN_<n>` for a value this
 /// build does not know.
 fn status_name(status: i32) -> String {
     match SagaStatus::try_from(status) {

@@ -418,43 +418,57 @@ async fn a_waiting_saga_is_parked_without_a_driver_and_resumed_by_its_signal_or_
     put_quick_flow(&mut cluster).await?;
 
     // Waiting for the store: parked, no driver left.
-    let id = start(&mut cluster, FLOW, "fd-park-1").await?;
-    awaiting(&mut cluster, &id, "store.accepted").await?;
+    const SAGAS: usize = 4;
+    let mut ids = Vec::new();
+    for i in 0..SAGAS {
+        let id = start(&mut cluster, FLOW, &format!("fd-park-{i}")).await?;
+        awaiting(&mut cluster, &id, "store.accepted").await?;
+        ids.push(id);
+    }
     let runtime = cluster.orchestrator().runtime().clone();
-    eventually("the saga is parked", || {
-        runtime.parked() == 1 && runtime.active() == 0
+    eventually("the sagas are parked", || {
+        runtime.parked() == SAGAS && runtime.active() == 0
     })
     .await?;
 
-    // Eight identical signals at once: one resumes the saga and records it, the others
-    // are answered as duplicates of it.
+    // Eight identical signals to each at once: one resumes the saga and records it, the
+    // others are answered as duplicates of it, also those that read the saga's log before
+    // the first one moved it on (and parked it again, at cooking).
     let mut replies = Vec::new();
-    for _ in 0..8 {
-        let mut client = cluster.client.clone();
-        let id = id.clone();
-        replies.push(tokio::spawn(async move {
-            client
-                .signal_saga(pb::SignalSagaRequest {
-                    saga_id: id,
-                    signal: "store.accepted".into(),
-                    payload: Some(orchestrator::convert::json_to_struct(&json!({}))),
-                })
-                .await
-                .map(tonic::Response::into_inner)
-        }));
-    }
-    let mut recorded = 0;
-    for reply in replies {
-        let reply = reply.await??;
-        if !reply.duplicate {
-            recorded += 1;
+    for id in &ids {
+        for _ in 0..8 {
+            let mut client = cluster.client.clone();
+            let id = id.clone();
+            replies.push(tokio::spawn(async move {
+                let reply = client
+                    .signal_saga(pb::SignalSagaRequest {
+                        saga_id: id.clone(),
+                        signal: "store.accepted".into(),
+                        payload: Some(orchestrator::convert::json_to_struct(&json!({}))),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+                (id, reply)
+            }));
         }
     }
-    assert_eq!(recorded, 1, "one signal is recorded, seven are duplicates");
-    // On to the next wait (cooking), parked again.
-    awaiting(&mut cluster, &id, "cooking.started").await?;
-    eventually("the saga is parked again", || {
-        runtime.parked() == 1 && runtime.active() == 0
+    let mut recorded = std::collections::BTreeMap::new();
+    for reply in replies {
+        let (id, reply) = reply.await?;
+        let reply = reply?;
+        *recorded.entry(id).or_insert(0) += usize::from(!reply.duplicate);
+    }
+    for id in &ids {
+        assert_eq!(
+            recorded.get(id),
+            Some(&1),
+            "one signal of eight recorded for {id}"
+        );
+        // On to the next wait (cooking), parked again.
+        awaiting(&mut cluster, id, "cooking.started").await?;
+    }
+    eventually("the sagas are parked again", || {
+        runtime.parked() == SAGAS && runtime.active() == 0
     })
     .await?;
 
@@ -462,7 +476,10 @@ async fn a_waiting_saga_is_parked_without_a_driver_and_resumed_by_its_signal_or_
     // answers, and the 2 s timeout compensates the order.
     let quick = start(&mut cluster, "food-delivery-quick", "fd-park-2").await?;
     let waiting = awaiting(&mut cluster, &quick, "store.accepted").await?;
-    eventually("both sagas are parked", || runtime.parked() == 2).await?;
+    eventually("the quick saga is parked too", || {
+        runtime.parked() == SAGAS + 1
+    })
+    .await?;
     let done = cluster.wait_terminal(&quick).await?;
     assert_eq!(status(&done), "COMPENSATED", "{done:?}");
     let step = &done.steps[2];
@@ -477,7 +494,7 @@ async fn a_waiting_saga_is_parked_without_a_driver_and_resumed_by_its_signal_or_
         (2_000..3_500).contains(&waited),
         "the 2 s timeout fired after {waited} ms"
     );
-    // The first saga is still parked, untouched.
-    assert_eq!(runtime.parked(), 1);
+    // The others are still parked, untouched.
+    assert_eq!(runtime.parked(), SAGAS);
     cluster.shutdown().await
 }

@@ -57,8 +57,9 @@ use crate::{
     StoreError, StoreStats, StoredDefinition, Summary, parse_page_token,
 };
 
-/// The most writes made durable by one flush.
-pub const MAX_BATCH: usize = 4096;
+/// The most writes made durable by one flush. A batch is one sled transaction, during which sled holds its process-wide lock and
+/// readers wait: the cap bounds that wait (a batch at c64 is about 20 writes).
+pub const MAX_BATCH: usize = 512;
 
 /// Bytes of pages sled keeps in memory (its default is 1 GiB, which keeps every page
 /// written: about 4.5 KiB per waiting saga, and hundreds of MB after a million sagas).
@@ -744,58 +745,67 @@ impl<'a> TxTrees<'a> {
             definition_descriptors: &view[9],
         }
     }
+}
 
-    /// Writes one change per event after which (status, business status) differs from
-    /// `previous`, numbered from `*cursor` on.
-    fn write_changes(
-        &self,
-        summary: &Summary,
-        events: &[Event],
-        statuses: &[(SagaStatus, String)],
-        mut previous: Option<(SagaStatus, String)>,
-        cursor: &mut u64,
-    ) -> std::result::Result<Result<()>, UnabortableTransactionError> {
-        // The status after each event: given, or the summary's after the last one.
-        let after: Vec<(&Event, SagaStatus, &str)> = if statuses.len() == events.len() {
-            events
-                .iter()
-                .zip(statuses)
-                .map(|(e, (s, b))| (e, *s, b.as_str()))
-                .collect()
-        } else {
-            events
-                .last()
-                .map(|e| (e, summary.status, summary.business_status.as_str()))
-                .into_iter()
-                .collect()
-        };
-        for (event, status, business) in after {
-            if previous
-                .as_ref()
-                .is_some_and(|(s, b)| (*s, b.as_str()) == (status, business))
-            {
-                continue;
-            }
-            previous = Some((status, business.to_owned()));
-            let change = Change {
-                cursor: *cursor,
-                saga_id: summary.saga_id.clone(),
-                definition: summary.definition.clone(),
-                version: summary.version,
-                status,
-                business_status: business.to_owned(),
-                seq: event.seq,
-                at_ms: event.at_ms,
-            };
-            let json = match to_json(&change) {
-                Ok(json) => json,
-                Err(e) => return Ok(Err(e)),
-            };
-            self.changes.insert(&change_key(change.cursor), json)?;
-            *cursor += 1;
+/// The change entries (key, JSON) of `events`: one per event after which (status, business
+/// status) differs from `previous`, numbered from `cursor` on. Encoded before anything of the
+/// write is inserted, so that a write refused here leaves nothing behind.
+fn encode_changes(
+    summary: &Summary,
+    events: &[Event],
+    statuses: &[(SagaStatus, String)],
+    mut previous: Option<(SagaStatus, String)>,
+    cursor: u64,
+) -> Result<Vec<([u8; 8], Vec<u8>)>> {
+    // The status after each event: given, or the summary's after the last one.
+    let after: Vec<(&Event, SagaStatus, &str)> = if statuses.len() == events.len() {
+        events
+            .iter()
+            .zip(statuses)
+            .map(|(e, (s, b))| (e, *s, b.as_str()))
+            .collect()
+    } else {
+        events
+            .last()
+            .map(|e| (e, summary.status, summary.business_status.as_str()))
+            .into_iter()
+            .collect()
+    };
+    let mut entries = Vec::new();
+    for (event, status, business) in after {
+        if previous
+            .as_ref()
+            .is_some_and(|(s, b)| (*s, b.as_str()) == (status, business))
+        {
+            continue;
         }
-        Ok(Ok(()))
+        previous = Some((status, business.to_owned()));
+        let change = Change {
+            cursor: cursor + entries.len() as u64,
+            saga_id: summary.saga_id.clone(),
+            definition: summary.definition.clone(),
+            version: summary.version,
+            status,
+            business_status: business.to_owned(),
+            seq: event.seq,
+            at_ms: event.at_ms,
+        };
+        entries.push((change_key(change.cursor), to_json(&change)?));
     }
+    Ok(entries)
+}
+
+/// Inserts change entries and advances `*cursor` past them.
+fn insert_changes(
+    tx: &TxTrees<'_>,
+    entries: Vec<([u8; 8], Vec<u8>)>,
+    cursor: &mut u64,
+) -> std::result::Result<(), UnabortableTransactionError> {
+    *cursor += entries.len() as u64;
+    for (key, json) in entries {
+        tx.changes.insert(&key, json)?;
+    }
+    Ok(())
 }
 
 /// The result of one write inside a batch's transaction: the outer error is sled's (it
@@ -832,6 +842,10 @@ fn create(tx: &TxTrees<'_>, new: &NewSaga, cursor: &mut u64) -> WriteResult<Crea
         Ok(json) => json,
         Err(e) => return Ok(Err(e)),
     };
+    let changes = match encode_changes(&new.summary, &new.events, &new.statuses, None, *cursor) {
+        Ok(changes) => changes,
+        Err(e) => return Ok(Err(e)),
+    };
     let keys = IndexKeys::of(&new.summary);
     tx.idempotency.insert(key, id.as_bytes())?;
     tx.sagas.insert(id.as_bytes(), summary_json)?;
@@ -843,9 +857,7 @@ fn create(tx: &TxTrees<'_>, new: &NewSaga, cursor: &mut u64) -> WriteResult<Crea
     tx.by_definition.insert(keys.by_definition, &[])?;
     tx.by_status_definition
         .insert(keys.by_status_definition, &[])?;
-    if let Err(e) = tx.write_changes(&new.summary, &new.events, &new.statuses, None, cursor)? {
-        return Ok(Err(e));
-    }
+    insert_changes(tx, changes, cursor)?;
     Ok(Ok(Created::New))
 }
 
@@ -905,6 +917,11 @@ fn append(tx: &TxTrees<'_>, appended: &Appended, cursor: &mut u64) -> WriteResul
         Ok(json) => json,
         Err(e) => return Ok(Err(e)),
     };
+    let previous = Some((old.status, old.business_status.clone()));
+    let changes = match encode_changes(summary, new_events, &appended.statuses, previous, *cursor) {
+        Ok(changes) => changes,
+        Err(e) => return Ok(Err(e)),
+    };
     for (key, value) in encoded {
         tx.events.insert(key, value)?;
     }
@@ -933,8 +950,8 @@ fn append(tx: &TxTrees<'_>, appended: &Appended, cursor: &mut u64) -> WriteResul
             index.insert(new_key, &[])?;
         }
     }
-    let previous = Some((old.status, old.business_status));
-    tx.write_changes(summary, new_events, &appended.statuses, previous, cursor)
+    insert_changes(tx, changes, cursor)?;
+    Ok(Ok(()))
 }
 
 fn put_definition(tx: &TxTrees<'_>, d: &StoredDefinition) -> WriteResult<PutDefinition> {

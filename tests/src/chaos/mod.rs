@@ -1114,7 +1114,13 @@ fn breaker(
             states.push(state.clone());
         }
     }
+    // Open during the outage: already at its start (zero: opened earlier, by faults before
+    // it, and still open), else the first time it was seen open after.
     let opened = start.and_then(|start| {
+        let before = seen.iter().rev().find(|(at, _, _)| *at < start);
+        if before.is_some_and(|(_, state, _)| state != "closed") {
+            return Some(Duration::ZERO);
+        }
         seen.iter()
             .find(|(at, state, _)| *at >= start && state != "closed")
             .map(|(at, _, _)| *at - start)
@@ -1142,5 +1148,44 @@ fn breaker(
         times_opened: openings,
         max_openings: seen.iter().map(|(_, _, n)| *n).max().unwrap_or(0),
         states,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(base: Instant, ms: u64, state: &str) -> (Instant, String, u32) {
+        (base + Duration::from_millis(ms), state.to_owned(), 1)
+    }
+
+    #[test]
+    fn a_breaker_already_open_when_the_outage_starts_was_open_during_it() {
+        let t = Instant::now();
+        let outage = Duration::from_secs(4);
+        let (start, end) = (t + Duration::from_secs(4), t + Duration::from_secs(8));
+        // Opened by earlier faults at 3 s, closed again at 15 s.
+        let seen = [
+            at(t, 0, "closed"),
+            at(t, 3_000, "open"),
+            at(t, 15_000, "closed"),
+        ];
+        let report = breaker(&seen, Some(start), Some(end), outage);
+        assert_eq!(report.opened_after, Some(Duration::ZERO));
+        assert_eq!(report.closed_after, Some(Duration::from_secs(7)));
+        // Opened during the outage.
+        let seen = [
+            at(t, 0, "closed"),
+            at(t, 5_500, "open"),
+            at(t, 9_000, "closed"),
+        ];
+        let report = breaker(&seen, Some(start), Some(end), outage);
+        assert_eq!(report.opened_after, Some(Duration::from_millis(1_500)));
+        // Never open.
+        let seen = [at(t, 0, "closed")];
+        assert_eq!(
+            breaker(&seen, Some(start), Some(end), outage).opened_after,
+            None
+        );
     }
 }
