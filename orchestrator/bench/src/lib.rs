@@ -89,7 +89,12 @@ async fn run_async(args: Args) -> anyhow::Result<bool> {
         "durability: {:?} (every state change flushed and fdatasync'ed before it is acted on)",
         args.durability
     );
-    println!("data: {}", bench.root.display());
+    if args.keep_data {
+        println!("data: {} (kept)", bench.root.display());
+    } else {
+        // Not its path: the output is meant to be pasted into notes and files.
+        println!("data: a fresh temporary directory, removed at the end");
+    }
     println!();
 
     let mut reports: Vec<Report> = Vec::new();
