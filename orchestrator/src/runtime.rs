@@ -392,15 +392,13 @@ impl Runtime {
         digest: String,
         span: tracing::Span,
         first: Option<Command>,
-    ) -> mpsc::UnboundedSender<Command> {
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(command) = first {
             // The receiver is in hand: this send cannot fail.
             let _ = tx.send(command);
         }
-        sagas
-            .slots
-            .insert(saga.id.clone(), Slot::Driving(tx.clone()));
+        sagas.slots.insert(saga.id.clone(), Slot::Driving(tx));
         let driver = Driver {
             runtime: self.clone(),
             plan,
@@ -410,7 +408,6 @@ impl Runtime {
             span: span.clone(),
         };
         self.inner.tasks.spawn(driver.run(rx).instrument(span));
-        tx
     }
 
     /// Parks `saga_id` (no driver) until a signal, a cancellation or `wake_at_ms`. Called by
@@ -468,12 +465,7 @@ impl Runtime {
                 None => return Ok(command),
             };
             // Read outside the lock; the epoch check below catches a log that moved on.
-            let summary = self
-                .inner
-                .store
-                .summary(saga_id)?
-                .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
-            let (plan, saga) = self.get(saga_id)?;
+            let (summary, plan, saga) = self.load(saga_id)?;
             // Test hook: a resume that read the log, stalled before it could start a driver.
             fail::fail_point!("runtime::resume_after_load");
             let mut sagas = self.sagas();
@@ -613,6 +605,12 @@ impl Runtime {
 
     /// The saga's state and the plan it runs, rebuilt from its durable log.
     pub fn get(&self, saga_id: &str) -> Result<(Arc<Plan>, Saga)> {
+        let (_, plan, saga) = self.load(saga_id)?;
+        Ok((plan, saga))
+    }
+
+    /// The saga's summary, plan and state, rebuilt from its durable log.
+    fn load(&self, saga_id: &str) -> Result<(Summary, Arc<Plan>, Saga)> {
         // After a storage fault the store may hold writes that never became durable.
         self.inner.store.health()?;
         let summary = self
@@ -631,7 +629,7 @@ impl Runtime {
             .ok_or_else(|| Error::UnknownSaga(saga_id.to_owned()))?;
         let saga = Saga::from_events(&plan, &events)
             .map_err(|e| Error::Internal(format!("saga {saga_id}: {e}")))?;
-        Ok((plan, saga))
+        Ok((summary, plan, saga))
     }
 
     pub fn list(
