@@ -35,6 +35,17 @@ pub mod process;
 /// How long a scenario waits for a saga before failing.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Polls `check` until it holds, for up to 10 s (for state that is not behind the API, such
+/// as the runtime's table of parked sagas).
+pub async fn eventually(what: &str, check: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// The repository's `sagas/` folder.
 pub fn sagas_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sagas")

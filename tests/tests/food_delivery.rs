@@ -8,7 +8,7 @@ use std::time::Duration;
 use participants::Kind;
 use proto::saga::v1 as pb;
 use serde_json::{Value, json};
-use tests::{Cluster, assert_no_doubled_effects, effects_of, order_input, status};
+use tests::{Cluster, assert_no_doubled_effects, effects_of, eventually, order_input, status};
 use tonic::Code;
 
 const FLOW: &str = "food-delivery";
@@ -399,16 +399,6 @@ async fn a_changed_definition_is_a_new_version_and_running_sagas_keep_theirs() -
         assert_eq!(status(&done), "COMPENSATED");
     }
     cluster.shutdown().await
-}
-
-/// Polls `check` until it holds, for up to 10 s.
-async fn eventually(what: &str, check: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proto::saga::v1 as pb;
 use serde_json::json;
-use tests::{Cluster, order_input};
+use tests::{Cluster, eventually, order_input};
 
 async fn signal(
     client: &mut proto::saga::v1::saga_orchestrator_client::SagaOrchestratorClient<
@@ -26,16 +26,6 @@ async fn signal(
         })
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// Polls `check` until it holds, for up to 10 s.
-async fn eventually(what: &str, check: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
